@@ -1,0 +1,91 @@
+"""Orbax checkpoints of a training workdir, and finding the params of any CKPT a user names.
+
+Layout: DIR/checkpoints/<step>/{params,opt_state,loop}. Writes are atomic (orbax writes a temporary
+folder and renames it), so a process killed mid-save leaves the previous checkpoints loadable.
+Everywhere a CKPT is asked for, a training workdir (its latest step) or one step folder is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from gembed.errors import GembedUserError
+
+ITEMS = ("params", "opt_state", "loop")
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).resolve() / "checkpoints"
+
+
+def open_manager(workdir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    """The workdir's manager, keeping the `keep` newest steps."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           read_only=read_only)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
+    """Starts an asynchronous save of the `ITEMS` of `state` at `step`."""
+    manager.save(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardSave(state[name]) for name in ITEMS}))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any]) -> dict:
+    """Restores every item at `step` onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(abstract_state[name]) for name in ITEMS}))
+    return {name: restored[name] for name in ITEMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A resolved CKPT: the training workdir it belongs to and one of its steps."""
+
+    workdir: pathlib.Path
+    step: int
+
+    @property
+    def step_dir(self) -> pathlib.Path:
+        return checkpoint_dir(self.workdir) / str(self.step)
+
+
+def resolve(path: str | pathlib.Path, role: str = "CKPT") -> CheckpointRef:
+    """A workdir (latest step), its checkpoints/ folder, or a step folder -> CheckpointRef."""
+    path = pathlib.Path(path).resolve()
+    if path.is_dir() and path.name.isdigit() and path.parent.name == "checkpoints":
+        if not (path / "params").is_dir():
+            raise GembedUserError(
+                f"{path}: step folder has no params (incomplete or corrupt checkpoint); "
+                f"name another step or the workdir.")
+        return CheckpointRef(path.parent.parent, int(path.name))
+    workdir = path.parent if path.name == "checkpoints" else path
+    if checkpoint_dir(workdir).is_dir():
+        steps = open_manager(workdir, read_only=True).all_steps()
+        if steps:
+            return CheckpointRef(workdir, max(steps))
+    raise GembedUserError(
+        f"{path}: {role} is not a training workdir with checkpoints or a step folder "
+        f"(DIR/checkpoints/STEP); check the path, or run the stage that writes it first.")
+
+
+def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
+    """Only the params item of a checkpoint, placed like `abstract_params`."""
+    manager = open_manager(ref.workdir, read_only=True)
+    try:
+        restored = manager.restore(ref.step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise GembedUserError(
+            f"{ref.step_dir}: its params do not fit this model ({str(e).splitlines()[0]}); "
+            f"use the model gin file of the run that wrote it.") from None
+    return restored["params"]
+
+
+def abstract_like(tree: Any, sharding) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed with `sharding`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

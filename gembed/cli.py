@@ -1,0 +1,75 @@
+"""The `gembed` command: the only place that parses flags. One function per sub-command.
+
+Exit status: 0 success; 2 a user error, reported as one `gembed: error: ...` line on stderr;
+1 anything else (a bug: the traceback is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from gembed.errors import GembedUserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `gembed: error:` line (exit 2), no usage dump."""
+
+    def error(self, message: str):
+        raise GembedUserError(f"{message}; see `{self.prog} --help`.")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed from the flags, or auto-detected on SLURM and TPU pods; single host otherwise."""
+    import jax
+
+    explicit = args.coordinator_address is not None
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (explicit or slurm or tpu_pod):
+        return
+    if explicit and (args.num_processes is None or args.process_id is None):
+        raise GembedUserError("--coordinator_address needs --num_processes and --process_id too.")
+    if jax.config.jax_platforms in (None, "", "cpu") and explicit:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gembed import config, train
+
+    _initialize_distributed(args)
+    config.parse_gin(args.gin_file, args.gin_param)
+    train.train(args.workdir, config.build_stage_config())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="run (or resume) one training stage")
+    train.add_argument("--gin_file", action="append", required=True, default=[],
+                       help="gin file; a path or relative to experiments/configs (repeatable)")
+    train.add_argument("--gin_param", action="append", default=[],
+                       help="a gin binding NAME=VALUE, applied after the files (repeatable)")
+    train.add_argument("--workdir", required=True, help="where checkpoints, logs and config go")
+    train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
+    train.add_argument("--num_processes", type=int, help="number of processes (multi-host)")
+    train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
+    train.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except GembedUserError as e:
+        print(f"gembed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gembed: interrupted; checkpoints written so far are kept.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,166 @@
+"""Experiment configuration: gin-registered dataclasses, file/flag parsing, operative-config dump.
+
+A training stage is configured by gin files (a model size from `experiments/configs/model/` plus a
+stage file such as `experiments/configs/prefinetune.gin`) and `--gin_param` overrides. Stage files
+bind the contract's macros (TRAIN_DATA, BATCH_SIZE, ...) into `TrainConfig`; `%gin.REQUIRED`
+macros fail loudly when a run forgets them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import gin
+
+from gembed.errors import GembedUserError
+from gembed.model import ModelConfig
+
+REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+# Macros every stage config honours (CONTRACT.md); --gin_param may set any of these or a macro a
+# parsed gin file defines.
+CONTRACT_MACROS = (
+    "TRAIN_DATA", "BATCH_SIZE", "TRAIN_STEPS", "MAX_LENGTH", "LEARNING_RATE", "SEED",
+    "INIT_FROM", "CHUNK_SIZE", "CHECKPOINT_EVERY", "LOG_EVERY",
+)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which InfoNCE variant to train with (see `gembed.losses.contrastive_loss`)."""
+
+    symmetric: bool = True          # cpt-text: mean of both directions; False: Gemini query->doc
+    same_tower: bool = False        # add query-query / doc-doc in-batch negatives
+    mask_duplicates: bool = True    # never treat an identical text as a negative
+    max_scale: float = 100.0        # clamp on exp(log_scale)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training stage. Sizes are global (all hosts, all devices); steps are optimizer steps."""
+
+    train_data: str = ""            # JSONL path, tfds:NAME[/CONFIG]:SPLIT, or builtin:NAME
+    batch_size: int = 64
+    train_steps: int = 100
+    max_length: int = 64            # tokens per text, after truncation
+    learning_rate: float = 1e-3     # peak, after warmup
+    seed: int = 0
+    init_from: str | None = None    # checkpoint (workdir or step folder) or model folder
+    chunk_size: int | None = None   # gradient-cache micro-batch per device; None = off
+    checkpoint_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    warmup_steps: int = 10
+    end_learning_rate_fraction: float = 0.0   # cosine decay to this fraction of the peak
+    weight_decay: float = 0.01
+    no_weight_decay_pattern: str = r"(bias|scale)$"   # regex over "/"-joined param names
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-6
+    grad_clip_norm: float | None = 1.0
+    num_hard_negatives: int = 0     # k hard negatives per query taken from each example
+    tokenizer: str | None = None    # a sentencepiece .model; None: inherit from INIT_FROM or train
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.train_data), "TRAIN_DATA is empty; set --gin_param='TRAIN_DATA=\"pairs.jsonl\"'"),
+            (self.batch_size > 0, f"BATCH_SIZE={self.batch_size} must be positive"),
+            (self.train_steps > 0, f"TRAIN_STEPS={self.train_steps} must be positive"),
+            (self.max_length >= 2, f"MAX_LENGTH={self.max_length} must be at least 2"),
+            (self.learning_rate > 0, f"LEARNING_RATE={self.learning_rate} must be positive"),
+            (self.checkpoint_every > 0, f"CHECKPOINT_EVERY={self.checkpoint_every} must be positive"),
+            (self.log_every > 0, f"LOG_EVERY={self.log_every} must be positive"),
+            (self.chunk_size is None or self.chunk_size > 0,
+             f"CHUNK_SIZE={self.chunk_size} must be positive or None"),
+            (self.num_hard_negatives >= 0,
+             f"TrainConfig.num_hard_negatives={self.num_hard_negatives} must be >= 0"),
+            (0 <= self.warmup_steps, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GembedUserError(f"{message}; fix the binding in your gin file or --gin_param.")
+        try:
+            re.compile(self.no_weight_decay_pattern)
+        except re.error as e:
+            raise GembedUserError(
+                f"TrainConfig.no_weight_decay_pattern={self.no_weight_decay_pattern!r} is not a "
+                f"valid regex ({e}); fix the binding.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Everything one `gembed train` run is configured with."""
+
+    train: TrainConfig
+    model: ModelConfig
+    loss: LossConfig
+
+
+def _resolve_gin_file(name: str) -> str:
+    """A gin file given on the command line: as a path, else relative to experiments/configs."""
+    for candidate in (pathlib.Path(name), REPO_CONFIG_DIR / name):
+        if candidate.is_file():
+            return str(candidate)
+    raise GembedUserError(
+        f"{name}: gin file not found (looked in the current directory and {REPO_CONFIG_DIR}); "
+        f"fix the --gin_file path.")
+
+
+def _defined_macros() -> set[str]:
+    """Names of the macros bound so far in the gin config."""
+    return {key[0] for key in gin.config._CONFIG if key[1] == "gin.macro"}
+
+
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+    """Parses gin files then bindings, with one-line user errors for typos and unknown names.
+
+    A --gin_param that sets a macro no gin file defines (a likely typo, e.g. BATCH_SZE) is refused.
+    """
+    gin.clear_config()
+    if REPO_CONFIG_DIR.is_dir():
+        gin.add_config_file_search_path(str(REPO_CONFIG_DIR))
+    for name in gin_files:
+        path = _resolve_gin_file(name)
+        try:
+            gin.parse_config_file(path)
+        except (ValueError, SyntaxError, IOError) as e:
+            first_line = str(e).splitlines()[0]
+            raise GembedUserError(f"{path}: {first_line}; fix or remove that binding.") from None
+    known_macros = _defined_macros() | set(CONTRACT_MACROS)
+    for binding in gin_params:
+        name = binding.split("=", 1)[0].strip()
+        if "=" not in binding:
+            raise GembedUserError(f"--gin_param={binding!r}: expected NAME=VALUE.")
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in known_macros:
+            raise GembedUserError(
+                f"--gin_param={binding!r}: no gin file defines the macro {name}; "
+                f"known macros: {', '.join(sorted(known_macros))}.")
+        try:
+            gin.parse_config(binding)
+        except (ValueError, SyntaxError) as e:
+            first_line = str(e).splitlines()[0]
+            raise GembedUserError(f"--gin_param={binding!r}: {first_line}; fix the binding.") from None
+    gin.finalize()
+
+
+def build_stage_config() -> StageConfig:
+    """Instantiates the configured dataclasses; missing %gin.REQUIRED macros become user errors."""
+    try:
+        return StageConfig(train=TrainConfig(), model=ModelConfig(), loss=LossConfig())
+    except RuntimeError as e:
+        if "Required bindings" in str(e) or "REQUIRED" in str(e):
+            raise GembedUserError(f"{str(e).splitlines()[0]}; set it with --gin_param.") from None
+        raise
+
+
+def write_operative_config(path: os.PathLike) -> None:
+    """Writes gin's operative config (every value actually used) atomically to `path`."""
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(gin.operative_config_str())
+    os.replace(tmp, path)

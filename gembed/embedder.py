@@ -1,0 +1,72 @@
+"""Inference: `Embedder.encode(texts) -> float32[N, dim]`, L2-normalised rows.
+
+Texts are sorted by token length and padded to a few bucket lengths (powers of two), and batches
+are padded to `batch_size` rows, so only a handful of shapes is ever compiled however many calls.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from gembed.model import EmbeddingModel, ModelConfig
+
+MIN_BUCKET = 16
+
+
+def bucket_length(length: int, max_length: int) -> int:
+    """The padded length for a text of `length` tokens: the next power of two, capped."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+class Embedder:
+    """A trained model ready to embed text: params, model config, tokenizer and max length."""
+
+    def __init__(self, model_config: ModelConfig, params: Any, tokenizer, max_length: int,
+                 task_prompts: dict[str, str] | None = None):
+        self.model_config = model_config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.task_prompts = dict(task_prompts or {})
+        module = EmbeddingModel(model_config)
+        self._embed = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
+
+    @property
+    def embedding_size(self) -> int:
+        return self.model_config.embedding_size
+
+    def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,
+               batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """float32[len(texts), dim or embedding_size], rows L2-normalised.
+
+        `task` prepends that task's prompt (query side); `dim` keeps the first `dim` coordinates
+        (Matryoshka) before normalising.
+        """
+        dim = dim or self.embedding_size
+        if not 0 < dim <= self.embedding_size:
+            raise ValueError(f"dim={dim} must be in 1..{self.embedding_size}")
+        prompt = self.task_prompts.get(task, "") if task is not None else ""
+        token_lists = self.tokenizer.encode([prompt + text for text in texts], self.max_length,
+                                            add_eos=self.model_config.pooling == "last")
+        order = np.argsort([len(ids) for ids in token_lists], kind="stable")
+        output = np.zeros((len(texts), dim), np.float32)
+        for start in tqdm.trange(0, len(texts), batch_size, desc="encode",
+                                 disable=not show_progress):
+            rows = order[start:start + batch_size]
+            length = bucket_length(max(len(token_lists[i]) for i in rows), self.max_length)
+            ids = np.full((batch_size, length), self.tokenizer.pad_id, np.int32)
+            mask = np.zeros((batch_size, length), bool)
+            for slot, i in enumerate(rows):
+                ids[slot, :len(token_lists[i])] = token_lists[i]
+                mask[slot, :len(token_lists[i])] = True
+            embeddings = np.asarray(self._embed(self.params, jnp.asarray(ids), jnp.asarray(mask)))
+            output[rows] = embeddings[:len(rows), :dim]
+        norms = np.linalg.norm(output, axis=1, keepdims=True)
+        return output / np.maximum(norms, 1e-12)

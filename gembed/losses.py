@@ -1,0 +1,258 @@
+"""Contrastive (InfoNCE) loss over embeddings, as in cpt-text (2022) and Gemini Embedding (2025).
+
+Everything here is a pure function of embeddings: no model, jittable, float32 math, and safe
+under `jax.jit` with the batch sharded across devices, with automatic or explicit mesh axes.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+Array = jax.Array
+
+# Logit given to an excluded candidate: far below any cosine logit (|logit| <= max_scale) yet
+# finite, so a row's logsumexp and its gradient never see inf - inf.
+_MASKED_LOGIT = -1e9
+_NORM_EPS = 1e-12
+
+# Internal keys are int32[..., 3] = (namespace, a, b). Namespace _TEXT holds caller text keys
+# (a, b); the item namespaces hold (index, 0) stand-ins that make every item of a kind distinct
+# when the caller gives no keys; _NO_KEY fills a key channel a candidate does not take part in.
+# Keys from different namespaces never compare equal.
+_TEXT = 0
+_QUERY_ITEM = 1
+_POSITIVE_ITEM = 2
+_NEGATIVE_ITEM = 3
+_NO_KEY = -1
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """Stable identity keys for texts (host-side NumPy, not jittable).
+
+    Returns int32[N, 2]: the 64-bit blake2b digest of each UTF-8 text, split into two int32.
+    Identical texts get identical keys; distinct texts collide with probability ~2**-64.
+    """
+    digest = b"".join(
+        hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest() for text in texts
+    )
+    return np.frombuffer(digest, dtype="<i4").reshape(-1, 2).astype(np.int32)
+
+
+def contrastive_loss(
+    query: Array,
+    positive: Array,
+    log_scale: Array,
+    *,
+    negatives: Array | None = None,
+    negatives_valid: Array | None = None,
+    query_keys: Array | None = None,
+    positive_keys: Array | None = None,
+    negative_keys: Array | None = None,
+    symmetric: bool = True,
+    same_tower: bool = False,
+    output_sizes: Sequence[int] | None = None,
+    max_scale: float = 100.0,
+) -> tuple[Array, dict[str, Array]]:
+    """In-batch softmax contrastive loss with hard negatives, duplicate masking and Matryoshka.
+
+    Args:
+      query: f32[B, D] unnormalised query embeddings of the global batch.
+      positive: f32[B, D] unnormalised embeddings of each query's positive document.
+      log_scale: f32[] learnable log inverse temperature.
+      negatives: f32[B, K, D] hard negatives per query.
+      negatives_valid: bool[B, K]; False marks a padding slot, never a candidate (its
+        embedding is ignored). Default: all valid.
+      query_keys, positive_keys: int32[B, 2] text identity keys (see `text_keys`); equal
+        keys mean identical text. negative_keys: int32[B, K, 2]. Missing keys mean every
+        text of that kind is distinct.
+      symmetric: mean of the query->doc and doc->query losses (cpt-text); False gives
+        query->doc only (Gemini Embedding).
+      same_tower: also use the other queries (query->doc) and the other positives
+        (doc->query) as in-batch negatives.
+      output_sizes: Matryoshka prefix sizes, each in [1, D]; the loss is summed over them.
+        None means the full size D only.
+      max_scale: upper bound on scale = exp(log_scale); above it the gradient w.r.t.
+        log_scale is zero.
+
+    For each size m, embeddings are cut to [..., :m] and L2-normalised; logits are cosine
+    similarities times scale, and each direction is a cross-entropy averaged over rows:
+      query->doc: row i's candidates are all B positives (label: positive i), all B*K hard
+        negatives of the batch and, if same_tower, queries j != i.
+      doc->query (symmetric only): row j's candidates are all B queries (label: query j) and,
+        if same_tower, positives i != j. Hard negatives are never anchors.
+    A candidate is excluded (logit -1e9) when it is the same text as something that row
+    treats as its positive; a row's label is never excluded:
+      query->doc row i: positive j if positive_keys[j] == positive_keys[i] or
+        query_keys[j] == query_keys[i]; a hard negative whose key equals positive_keys[i];
+        a same-tower query j if query_keys[j] == query_keys[i].
+      doc->query row j: query i if query_keys[i] == query_keys[j] or
+        positive_keys[i] == positive_keys[j]; a same-tower positive i if
+        positive_keys[i] == positive_keys[j].
+    Invalid negative slots are always excluded.
+
+    Returns:
+      (loss f32[], metrics) with metrics "loss", "temperature" (1 / scale) and "accuracy":
+      the fraction of query->doc rows at the full size whose label logit is the row maximum
+      (ties count as correct).
+    """
+    batch, dim = query.shape
+    sizes = (dim,) if output_sizes is None else tuple(output_sizes)
+    if not sizes or any(not 1 <= size <= dim for size in sizes):
+        raise ValueError(f"output_sizes must be non-empty and within [1, {dim}], got {sizes}")
+    if negatives is None and (negatives_valid is not None or negative_keys is not None):
+        raise ValueError("negatives_valid and negative_keys need negatives")
+
+    # Queries and positives are anchors and keep the caller's (row) sharding; every row needs
+    # every candidate, so candidate embeddings, keys and masks are gathered whole.
+    query = query.astype(jnp.float32)
+    positive = positive.astype(jnp.float32)
+    all_queries, all_positives = _replicated(query), _replicated(positive)
+    if negatives is None:
+        negatives = jnp.zeros((batch, 0, dim), jnp.float32)
+    num_negatives = negatives.shape[1]
+    if negatives_valid is None:
+        negatives_valid = jnp.ones((batch, num_negatives), bool)
+    negatives_valid = _replicated(negatives_valid)
+    negatives = _replicated(negatives).astype(jnp.float32)
+    negatives = jnp.where(negatives_valid[..., None], negatives, 0.0)
+    negatives = negatives.reshape(batch * num_negatives, dim)
+    negatives_valid = negatives_valid.reshape(batch * num_negatives)
+
+    query_id = _internal_keys(query_keys, _QUERY_ITEM, (batch,))
+    positive_id = _internal_keys(positive_keys, _POSITIVE_ITEM, (batch,))
+    negative_id = _internal_keys(negative_keys, _NEGATIVE_ITEM, (batch, num_negatives))
+    negative_id = negative_id.reshape(batch * num_negatives, 3)
+    no_key_batch = jnp.full((batch, 3), _NO_KEY, jnp.int32)
+    no_key_negatives = jnp.full((batch * num_negatives, 3), _NO_KEY, jnp.int32)
+    all_valid = jnp.ones((batch,), bool)
+    labels = jnp.arange(batch)
+
+    # Key channels, stacked on axis 1: a candidate is excluded when, in some channel, its key
+    # equals the anchor's. Query->doc channels: (positive text, query text).
+    to_doc_anchor_keys = jnp.stack([positive_id, query_id], axis=1)
+    to_doc_keys = [
+        jnp.stack([positive_id, query_id], axis=1),
+        jnp.stack([negative_id, no_key_negatives], axis=1),
+    ]
+    to_doc_valid = [all_valid, negatives_valid]
+    # Doc->query channels: (query text, positive text).
+    to_query_anchor_keys = jnp.stack([query_id, positive_id], axis=1)
+    to_query_keys = [jnp.stack([query_id, positive_id], axis=1)]
+    to_query_valid = [all_valid]
+    if same_tower:
+        to_doc_keys.append(jnp.stack([no_key_batch, query_id], axis=1))
+        to_doc_valid.append(all_valid)
+        to_query_keys.append(jnp.stack([no_key_batch, positive_id], axis=1))
+        to_query_valid.append(all_valid)
+    to_doc_keys = jnp.concatenate(to_doc_keys)
+    to_doc_valid = jnp.concatenate(to_doc_valid)
+    to_query_keys = jnp.concatenate(to_query_keys)
+    to_query_valid = jnp.concatenate(to_query_valid)
+
+    scale = jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), math.log(max_scale)))
+
+    def query_to_doc(size):
+        q, p, n = (_l2_normalise(x[:, :size]) for x in (all_queries, all_positives, negatives))
+        candidates = jnp.concatenate([p, n, q] if same_tower else [p, n])
+        return _row_logsumexp_and_label(
+            _l2_normalise(query[:, :size]), candidates, scale, labels, to_doc_anchor_keys,
+            to_doc_keys, to_doc_valid,
+        )
+
+    def doc_to_query(size):
+        q, p = (_l2_normalise(x[:, :size]) for x in (all_queries, all_positives))
+        candidates = jnp.concatenate([q, p] if same_tower else [q])
+        return _row_logsumexp_and_label(
+            _l2_normalise(positive[:, :size]), candidates, scale, labels, to_query_anchor_keys,
+            to_query_keys, to_query_valid,
+        )
+
+    to_doc_stats = {size: query_to_doc(size) for size in {*sizes, dim}}
+    loss = jnp.zeros((), jnp.float32)
+    for size in sizes:
+        logsumexp, label_logit, _ = to_doc_stats[size]
+        size_loss = jnp.mean(logsumexp - label_logit)
+        if symmetric:
+            logsumexp, label_logit, _ = doc_to_query(size)
+            size_loss = 0.5 * (size_loss + jnp.mean(logsumexp - label_logit))
+        loss = loss + size_loss
+
+    _, label_logit, max_logit = to_doc_stats[dim]
+    accuracy = jnp.mean((label_logit >= max_logit).astype(jnp.float32))
+    return loss, {"loss": loss, "temperature": 1.0 / scale, "accuracy": accuracy}
+
+
+def _row_logsumexp_and_label(
+    anchors: Array,
+    candidates: Array,
+    scale: Array,
+    labels: Array,
+    anchor_keys: Array,
+    candidate_keys: Array,
+    candidate_valid: Array,
+) -> tuple[Array, Array, Array]:
+    """Per-row statistics of the masked logits scale * anchors @ candidates.T.
+
+    Args:
+      anchors: f32[R, m] and candidates: f32[C, m], both L2-normalised.
+      scale: f32[] logit scale.
+      labels: int32[R] column of each row's label; never excluded.
+      anchor_keys: int32[R, H, 3] and candidate_keys: int32[C, H, 3]: candidate c is excluded
+        from row r when its key equals the row's key in any of the H channels.
+      candidate_valid: bool[C]; invalid candidates are excluded from every row.
+
+    Returns:
+      (logsumexp, label logit, max logit), each f32[R]. Only needs rows of `anchors` and
+      `anchor_keys` with columns of the candidate arrays, so it can be tiled over either.
+      Rows may be sharded; the candidate arrays must be whole on every device.
+    """
+    anchor_keys, labels = (_rows_sharded_like(x, anchors) for x in (anchor_keys, labels))
+    # Full float32 products: at scale ~100, TF32/bf16 rounding of cosines moves logits visibly.
+    logits = scale * jnp.matmul(anchors, candidates.T, precision=jax.lax.Precision.HIGHEST)
+    same_text = jnp.all(anchor_keys[:, None] == candidate_keys[None], axis=-1).any(axis=-1)
+    is_label = jnp.arange(candidates.shape[0])[None, :] == labels[:, None]
+    excluded = (same_text | ~candidate_valid[None, :]) & ~is_label
+    logits = jnp.where(excluded, _MASKED_LOGIT, logits)
+    label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
+    return jax.nn.logsumexp(logits, axis=1), label_logit, jnp.max(logits, axis=1)
+
+
+def _internal_keys(keys: Array | None, item_namespace: int, shape: tuple[int, ...]) -> Array:
+    """int32[*shape, 3]: (_TEXT, *keys) when given, else distinct (item_namespace, index, 0)."""
+    if keys is None:
+        index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+        namespace = jnp.full(shape, item_namespace, jnp.int32)
+        return jnp.stack([namespace, index, jnp.zeros_like(index)], axis=-1)
+    namespace = jnp.full((*shape, 1), _TEXT, jnp.int32)
+    return jnp.concatenate([namespace, _replicated(jnp.asarray(keys, jnp.int32))], axis=-1)
+
+
+def _replicated(x: Array) -> Array:
+    """x whole on every device (an all-gather) if it is sharded over explicit mesh axes.
+
+    With automatic axes (or none) XLA places the data itself, and x is returned unchanged.
+    """
+    sharding = jax.typeof(x).sharding
+    if not sharding.mesh.explicit_axes:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def _rows_sharded_like(x: Array, rows: Array) -> Array:
+    """x with its leading axis sharded like the leading axis of `rows` over explicit mesh axes."""
+    sharding = jax.typeof(rows).sharding
+    if not sharding.mesh.explicit_axes:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0])))
+
+
+def _l2_normalise(x: Array) -> Array:
+    """Rows of x scaled to unit L2 norm; zero rows stay zero (finite gradient)."""
+    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS**2))

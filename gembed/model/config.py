@@ -1,0 +1,144 @@
+"""`ModelConfig`: every architectural choice of the embedding model, bound from gin.
+
+One frozen (hashable) dataclass covers BERT/MiniLM-style post-norm encoders and modern
+pre-norm ones (RMSNorm, RoPE, gated MLPs, grouped-query attention), so a single `Encoder`
+can reproduce either family and be a static `jax.jit` argument.
+"""
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+from gembed.errors import GembedUserError
+
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITION_EMBEDDINGS = ("learned", "rope", "none")
+ATTENTION_MASKS = ("bidirectional", "causal")
+POOLINGS = ("mean", "first", "last")
+DTYPES = ("float32", "bfloat16")
+
+
+def _invalid(field: str, value, requirement: str) -> GembedUserError:
+    return GembedUserError(
+        f"ModelConfig.{field}={value!r} {requirement}; fix the binding in your model gin file.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the encoder, pooling and projection (see field comments).
+
+    Parameters are always float32; `dtype` is the compute dtype they are cast to at use.
+    """
+
+    vocab_size: int = 8000
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: num_heads; fewer: grouped-query attention.
+    head_dim: int | None = None  # None: hidden_size // num_heads.
+    mlp_dim: int = 256
+    mlp_activation: str = "gelu"  # 'gelu' (exact erf), 'gelu_tanh', 'relu', 'silu'.
+    mlp_gated: bool = False  # act(x·gate) * (x·up) → down (GeGLU, SwiGLU) instead of act(x·up) → down.
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'.
+    norm_eps: float = 1e-6
+    rmsnorm_unit_offset: bool = False  # Gemma: scale by (1 + w), w initialised to 0.
+    norm_position: str = "pre"  # 'pre': x + f(norm(x)); 'post' (BERT): norm(x + f(x)).
+    final_norm: bool = True  # A norm after the last block (pre-norm nets want it, BERT does not).
+    position_embedding: str = "learned"  # 'learned' | 'rope' | 'none'.
+    max_position_embeddings: int = 512  # Rows of the learned position table.
+    rope_theta: float = 10000.0
+    type_vocab_size: int = 0  # > 0: a token-type table whose row 0 is added to every token.
+    embedding_norm: bool = False  # BERT: a norm right after summing the embeddings.
+    embedding_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size).
+    use_bias: bool = True  # Biases of the attention output and MLP dense layers.
+    qkv_bias: bool | None = None  # None: use_bias (Qwen: q/k/v bias without an o-proj bias).
+    attention_mask: str = "bidirectional"  # 'bidirectional' | 'causal'; pad keys always masked.
+    pooling: str = "mean"  # 'mean' over real tokens | 'first' | 'last' real token (right padding).
+    projection_dim: int | None = None  # None: no projection after pooling.
+    projection_bias: bool = True
+    output_sizes: tuple[int, ...] | None = None  # Matryoshka prefix sizes, increasing, last = embedding_size.
+    initial_temperature: float = 0.05  # The `log_scale` param starts at log(1 / initial_temperature).
+    dtype: str = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
+    dropout_rate: float = 0.0  # After the attention output and the MLP, before the residual add.
+
+    def __post_init__(self):
+        if self.output_sizes is not None:
+            object.__setattr__(self, "output_sizes", tuple(self.output_sizes))
+        self._check_choices()
+        self._check_sizes()
+
+    def _check_choices(self):
+        for field, allowed in (
+            ("mlp_activation", MLP_ACTIVATIONS),
+            ("norm", NORMS),
+            ("norm_position", NORM_POSITIONS),
+            ("position_embedding", POSITION_EMBEDDINGS),
+            ("attention_mask", ATTENTION_MASKS),
+            ("pooling", POOLINGS),
+            ("dtype", DTYPES),
+        ):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise _invalid(field, value, "is not one of " + ", ".join(map(repr, allowed)))
+        if self.rmsnorm_unit_offset and self.norm != "rmsnorm":
+            raise _invalid("rmsnorm_unit_offset", True, f"needs norm='rmsnorm', not {self.norm!r}")
+
+    def _check_sizes(self):
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
+                      "max_position_embeddings"):
+            if getattr(self, field) < 1:
+                raise _invalid(field, getattr(self, field), "must be a positive integer")
+        for field in ("num_kv_heads", "head_dim", "projection_dim"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise _invalid(field, getattr(self, field), "must be None or a positive integer")
+        if self.num_heads % self.effective_num_kv_heads:
+            raise _invalid("num_kv_heads", self.num_kv_heads,
+                           f"must divide num_heads={self.num_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise _invalid("num_heads", self.num_heads,
+                           f"must divide hidden_size={self.hidden_size} (or set head_dim)")
+        if self.position_embedding == "rope" and self.effective_head_dim % 2:
+            raise _invalid("head_dim", self.effective_head_dim, "must be even for RoPE")
+        if self.type_vocab_size < 0:
+            raise _invalid("type_vocab_size", self.type_vocab_size, "must be >= 0")
+        if not self.norm_eps > 0:
+            raise _invalid("norm_eps", self.norm_eps, "must be > 0")
+        if not self.initial_temperature > 0:
+            raise _invalid("initial_temperature", self.initial_temperature, "must be > 0")
+        if not 0 <= self.dropout_rate < 1:
+            raise _invalid("dropout_rate", self.dropout_rate, "must be in [0, 1)")
+        if self.output_sizes is not None:
+            sizes = self.output_sizes
+            if (not sizes or sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:]))
+                    or sizes[-1] != self.embedding_size):
+                raise _invalid("output_sizes", sizes,
+                               "must be strictly increasing positive sizes ending at the "
+                               f"embedding size {self.embedding_size} (projection_dim or hidden_size)")
+
+    @property
+    def effective_num_kv_heads(self) -> int:
+        """Key/value heads: `num_kv_heads`, or `num_heads` when unset."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def effective_head_dim(self) -> int:
+        """Width of one attention head: `head_dim`, or hidden_size // num_heads when unset."""
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def effective_qkv_bias(self) -> bool:
+        """Whether query/key/value have biases: `qkv_bias`, or `use_bias` when unset."""
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the model's output embedding: projection_dim, or hidden_size."""
+        return self.hidden_size if self.projection_dim is None else self.projection_dim
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as a JAX dtype."""
+        return jnp.dtype(self.dtype)

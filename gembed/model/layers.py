@@ -1,0 +1,150 @@
+"""Building blocks of the encoder: norm, rotary embedding, attention, MLP, transformer block.
+
+Shapes: B batch, L sequence length, D hidden_size, N query heads, K key/value heads,
+H head_dim. Parameters are float32; activations are in `config.compute_dtype`.
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from gembed.model.config import ModelConfig
+
+KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
+    """A Dense layer with float32 params (kernel [in, features]) computing in the compute dtype."""
+    return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
+                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, name=name)
+
+
+class Norm(nn.Module):
+    """LayerNorm (params scale, bias) or RMSNorm (param scale) over the last axis.
+
+    Statistics are computed in float32; the output is in the compute dtype.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] → [..., D]."""
+        config = self.config
+        x = x.astype(jnp.float32)
+        features = x.shape[-1]
+        if config.norm == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + config.norm_eps)
+        scale_init = nn.initializers.zeros if config.rmsnorm_unit_offset else nn.initializers.ones
+        scale = self.param("scale", scale_init, (features,), jnp.float32)
+        x = x * (1 + scale if config.rmsnorm_unit_offset else scale)
+        if config.norm == "layernorm":
+            x = x + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return x.astype(config.compute_dtype)
+
+
+def apply_rotary_embedding(x: jax.Array, theta: float) -> jax.Array:
+    """Rotates x: [B, L, heads, H] by its positions 0..L-1 (HF Llama `rotate_half` layout).
+
+    Dimension i of the first half pairs with dimension i + H/2, rotated by angle
+    position * theta^(-2i/H). Computed in float32, returned in x's dtype.
+    """
+    length, head_dim = x.shape[1], x.shape[3]
+    inverse_frequencies = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inverse_frequencies[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first_half, second_half = jnp.split(x32, 2, axis=-1)
+    rotated_half = jnp.concatenate([-second_half, first_half], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with a key padding mask.
+
+    Submodules query, key, value, output. Logits and softmax are in float32; a query whose
+    keys are all masked attends uniformly, so fully padded rows stay finite.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [B, L, D]; mask: bool[B, L] (True = real token) → [B, L, D]."""
+        config = self.config
+        batch, length, hidden = x.shape
+        heads, kv_heads, head_dim = (
+            config.num_heads, config.effective_num_kv_heads, config.effective_head_dim)
+        query = dense(config, heads * head_dim, config.effective_qkv_bias, "query")(x)
+        key = dense(config, kv_heads * head_dim, config.effective_qkv_bias, "key")(x)
+        value = dense(config, kv_heads * head_dim, config.effective_qkv_bias, "value")(x)
+        query = query.reshape(batch, length, heads, head_dim)
+        key = key.reshape(batch, length, kv_heads, head_dim)
+        value = value.reshape(batch, length, kv_heads, head_dim)
+        if config.position_embedding == "rope":
+            query = apply_rotary_embedding(query, config.rope_theta)
+            key = apply_rotary_embedding(key, config.rope_theta)
+        attended = jax.nn.dot_product_attention(
+            query, key, value,
+            mask=mask[:, None, None, :],
+            is_causal=config.attention_mask == "causal",
+        )
+        attended = attended.reshape(batch, length, heads * head_dim)
+        return dense(config, hidden, config.use_bias, "output")(attended)
+
+
+class Mlp(nn.Module):
+    """Feed-forward layer: act(x·up) → down, or gated act(x·gate) * (x·up) → down.
+
+    Submodules gate (gated only), up, down.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] → [B, L, D]."""
+        config = self.config
+        activation = ACTIVATIONS[config.mlp_activation]
+        up = dense(config, config.mlp_dim, config.use_bias, "up")(x)
+        if config.mlp_gated:
+            gate = dense(config, config.mlp_dim, config.use_bias, "gate")(x)
+            hidden = activation(gate) * up
+        else:
+            hidden = activation(up)
+        return dense(config, x.shape[-1], config.use_bias, "down")(hidden)
+
+
+def residual(x: jax.Array, norm: Norm, sublayer, dropout: nn.Dropout, norm_position: str) -> jax.Array:
+    """Pre-norm x + dropout(f(norm(x))), or post-norm norm(x + dropout(f(x))); x: [B, L, D]."""
+    if norm_position == "pre":
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Attention then MLP, each inside a `residual` connection with its norm.
+
+    Submodules attention_norm, attention, mlp_norm, mlp. Dropout (rng collection 'dropout')
+    precedes each residual add when not deterministic.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """x: [B, L, D]; mask: bool[B, L] (True = real token) → [B, L, D]."""
+        config = self.config
+        attention = Attention(config, name="attention")
+        dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
+        x = residual(x, Norm(config, name="attention_norm"), lambda y: attention(y, mask),
+                     dropout, config.norm_position)
+        return residual(x, Norm(config, name="mlp_norm"), Mlp(config, name="mlp"),
+                        dropout, config.norm_position)
