@@ -8,6 +8,7 @@ macros fail loudly when a run forgets them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import re
@@ -114,6 +115,16 @@ def _resolve_gin_file(name: str) -> str:
 def _defined_macros() -> set[str]:
     """Names of the macros bound so far in the gin config."""
     return {key[0] for key in gin.config._CONFIG if key[1] == "gin.macro"}
+
+
+class _QuietIncludeSearch(logging.Filter):
+    """Drops gin's "Path not found" log lines, printed while it searches include paths."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found")
+
+
+logging.getLogger().addFilter(_QuietIncludeSearch())
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:

@@ -5,6 +5,8 @@ are padded to `batch_size` rows, so only a handful of shapes is ever compiled ho
 """
 from __future__ import annotations
 
+import json
+
 from typing import Any, Sequence
 
 import jax
@@ -12,7 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gembed.model import EmbeddingModel, ModelConfig
+from gembed import checkpoint
+from gembed.data.tokenizer import SentencePieceTokenizer
+from gembed.data.workdir_tokenizer import TOKENIZER_FILE
+from gembed.model import EmbeddingModel, ModelConfig, init_params
 
 MIN_BUCKET = 16
 
@@ -70,3 +75,20 @@ class Embedder:
             output[rows] = embeddings[:len(rows), :dim]
         norms = np.linalg.norm(output, axis=1, keepdims=True)
         return output / np.maximum(norms, 1e-12)
+
+
+def load_checkpoint(path, max_length: int = 128) -> Embedder:
+    """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
+
+    The params come from the checkpoint; the model config and tokenizer from the workdir's
+    model_config.json and tokenizer.model.
+    """
+    ref = checkpoint.resolve(path)
+    config_dict = json.loads((ref.workdir / "model_config.json").read_text())
+    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config_dict.items()})
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+    tokenizer = SentencePieceTokenizer(ref.workdir / TOKENIZER_FILE)
+    return Embedder(model_config, params, tokenizer, max_length)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gembed.errors import GembedUserError
 
@@ -17,8 +17,8 @@ DATA_AXIS = "data"
 
 
 def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes, axis name "data"."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+    """A 1-D mesh over all devices of all processes, axis name "data" (sharding left to XLA)."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: 
     (loss, metrics), grads = grad_fn(state.params, batch, step_rng, model_config, loss_config)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step)}
     return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -156,10 +156,6 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         raise GembedUserError(
             f"CHUNK_SIZE={config.chunk_size}: gradient caching is not available yet; "
             f"set CHUNK_SIZE=None.")
-    if jax.process_index() == 0:
-        write_operative_config(workdir / "config.gin")
-        (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
-
     examples = load_examples(config.train_data, split="train")
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
@@ -181,6 +177,9 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     schedule = learning_rate_schedule(config)
     state = _restore_or_init(stage, optimizer, manager, init_ref, mesh)
     start_step = int(state.step)
+    if jax.process_index() == 0:
+        write_operative_config(workdir / "config.gin")
+        (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
     step_fn = jax.jit(
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
                           optimizer=optimizer, schedule=schedule),

@@ -1,0 +1,157 @@
+"""End-to-end `gembed train`: learning, exact resume after SIGKILL, 8 devices == 1, user errors.
+
+One uninterrupted in-process run is the reference for the others; every other run is a separate
+process (a killed-and-resumed one, and one on 8 fake CPU devices).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gembed import cli
+from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.embedder import Embedder, load_checkpoint
+from gembed.evaluation.pair_retrieval import evaluate_pairs
+from gembed.model import init_params
+
+STEPS = 160
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A JSONL of real stdlib (docstring, code) pairs, a held-out set, and a shared tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    train = load_builtin("stdlib_code", "train")[:2000]
+    write_jsonl(root / "pairs.jsonl", train)
+    train_sentencepiece([t for e in train for t in (e.query, e.positive)], 1000, root / "sp.model")
+    return {"root": root, "pairs": root / "pairs.jsonl", "tokenizer": root / "sp.model",
+            "heldout": load_builtin("stdlib_code", "test")[:256]}
+
+
+def train_args(corpus, workdir, *extra_params):
+    params = [f"TRAIN_DATA='{corpus['pairs']}'", f"TRAIN_STEPS={STEPS}", "BATCH_SIZE=64",
+              "MAX_LENGTH=64", "LEARNING_RATE=1e-3", "CHECKPOINT_EVERY=20", "LOG_EVERY=5",
+              "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=10", f"TrainConfig.tokenizer='{corpus['tokenizer']}'", *extra_params]
+    return (["train", "--gin_file=model/tiny.gin", "--gin_file=prefinetune.gin",
+             f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params])
+
+
+def read_metrics(workdir) -> list[dict]:
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def run_gembed(args, env_extra=None, **popen_kwargs):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "gembed", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen_kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus):
+    workdir = corpus["root"] / "reference"
+    assert cli.main(train_args(corpus, workdir)) == 0
+    return workdir
+
+
+def test_loss_falls_temperature_moves_and_retrieval_improves(corpus, reference_run):
+    metrics = read_metrics(reference_run)
+    assert [m["step"] for m in metrics] == list(range(5, STEPS + 1, 5))
+    for key in ("loss", "temperature", "learning_rate", "examples_per_second"):
+        assert all(np.isfinite(m[key]) for m in metrics)
+    losses = [m["loss"] for m in metrics]
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
+    assert abs(metrics[-1]["temperature"] - 0.05) > 1e-5  # tiny.gin: initial_temperature 0.05
+    trained = load_checkpoint(reference_run, max_length=64)
+    untrained = Embedder(trained.model_config, init_params(trained.model_config, jax.random.PRNGKey(0)),
+                         trained.tokenizer, max_length=64)
+    assert (evaluate_pairs(trained, corpus["heldout"])["mrr@10"]
+            > evaluate_pairs(untrained, corpus["heldout"])["mrr@10"])
+    assert "BATCH_SIZE = 64" in (reference_run / "config.gin").read_text()
+    assert any((reference_run / "tb").iterdir())
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(corpus, reference_run):
+    workdir = corpus["root"] / "killed"
+    process = run_gembed(train_args(corpus, workdir))
+    metrics_file = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics_file.exists() and any(m["step"] >= 70 for m in read_metrics(workdir)):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_metrics(workdir)[-1]["step"] < STEPS
+    resumed = run_gembed(train_args(corpus, workdir))
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    expected = [(m["step"], m["loss"], m["temperature"]) for m in read_metrics(reference_run)]
+    got = [(m["step"], m["loss"], m["temperature"]) for m in read_metrics(workdir)]
+    assert got == expected
+
+
+def test_eight_devices_match_one_device(corpus, reference_run):
+    workdir = corpus["root"] / "eight_devices"
+    process = run_gembed(train_args(corpus, workdir),
+                         {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    one = np.array([m["loss"] for m in read_metrics(reference_run)])
+    eight = np.array([m["loss"] for m in read_metrics(workdir)])
+    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_inits_from_the_prefinetune_checkpoint(corpus, reference_run, tmp_path):
+    args = train_args(corpus, tmp_path / "finetune", "TRAIN_STEPS=5",
+                      f"INIT_FROM='{reference_run}'")
+    args[2] = "--gin_file=finetune.gin"
+    assert cli.main(args) == 0
+    first_loss = read_metrics(tmp_path / "finetune")[0]["loss"]
+    scratch_first_loss = read_metrics(reference_run)[0]["loss"]
+    assert first_loss < scratch_first_loss
+
+
+def error_line(capsys, args) -> str:
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gembed: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"query": "a b", "positive": "c d"}\n{"query": "x", \n', "bad.jsonl:2"),
+    (b'{"query": "a b", "positive": ""}\n', "bad.jsonl:1"),
+    (b'{"query": "a b", "positive": "caf\xe9"}\n', "bad.jsonl:1"),
+])
+def test_bad_data_exits_2_naming_file_and_line(corpus, reference_run, tmp_path, capsys,
+                                               content, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    line = error_line(capsys, train_args(corpus, reference_run, f"TRAIN_DATA='{bad}'"))
+    assert expected in line
+    assert load_checkpoint(reference_run, max_length=64).params is not None
+
+
+def test_unknown_gin_binding_and_missing_init_from_exit_2(corpus, reference_run, tmp_path, capsys):
+    line = error_line(capsys, train_args(corpus, tmp_path / "a", "TrainConfig.batch_sise=4"))
+    assert "batch_sise" in line
+    line = error_line(capsys, train_args(corpus, tmp_path / "b", "BATCH_SZE=4"))
+    assert "BATCH_SZE" in line
+    line = error_line(capsys, train_args(corpus, tmp_path / "c", "INIT_FROM='/nonexistent/run'"))
+    assert "/nonexistent/run" in line and "INIT_FROM" in line
+    line = error_line(capsys, ["train", "--gin_file=no_such.gin", f"--workdir={tmp_path}"])
+    assert "no_such.gin" in line
+    assert load_checkpoint(reference_run, max_length=64).params is not None
