@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.run(args)
     except GembedUserError as e:
-        print(f"gembed: error: {e}", file=sys.stderr)
+        first_line = str(e).splitlines()[0]   # gin appends "In call to configurable ..." lines
+        print(f"gembed: error: {first_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gembed: interrupted; checkpoints written so far are kept.", file=sys.stderr)

@@ -156,7 +156,13 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
         except (ValueError, SyntaxError) as e:
             first_line = str(e).splitlines()[0]
             raise GembedUserError(f"--gin_param={binding!r}: {first_line}; fix the binding.") from None
-    gin.finalize()
+    try:
+        gin.finalize()
+    except ValueError as e:
+        macro = str(e).split("/", 1)[0]
+        raise GembedUserError(
+            f"{macro} is required by {', '.join(gin_files)} but not set; "
+            f"add --gin_param='{macro}=...'.") from None
 
 
 def build_stage_config() -> StageConfig:

@@ -152,6 +152,11 @@ def test_unknown_gin_binding_and_missing_init_from_exit_2(corpus, reference_run,
     assert "BATCH_SZE" in line
     line = error_line(capsys, train_args(corpus, tmp_path / "c", "INIT_FROM='/nonexistent/run'"))
     assert "/nonexistent/run" in line and "INIT_FROM" in line
+    line = error_line(capsys, ["train", "--gin_file=model/tiny.gin", "--gin_file=finetune.gin",
+                               f"--workdir={tmp_path / 'd'}"])
+    assert "INIT_FROM is required" in line
+    line = error_line(capsys, train_args(corpus, tmp_path / "e", "ModelConfig.pooling='maen'"))
+    assert "ModelConfig.pooling='maen'" in line
     line = error_line(capsys, ["train", "--gin_file=no_such.gin", f"--workdir={tmp_path}"])
     assert "no_such.gin" in line
     assert load_checkpoint(reference_run, max_length=64).params is not None
