@@ -58,6 +58,7 @@ def contrastive_loss(
     same_tower: bool = False,
     output_sizes: Sequence[int] | None = None,
     max_scale: float = 100.0,
+    row_tile: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """In-batch softmax contrastive loss with hard negatives, duplicate masking and Matryoshka.
 
@@ -79,6 +80,12 @@ def contrastive_loss(
         None means the full size D only.
       max_scale: upper bound on scale = exp(log_scale); above it the gradient w.r.t.
         log_scale is zero.
+      row_tile: when set (a divisor of B), logits are computed for `row_tile` anchor rows at a
+        time and recomputed in the backward pass, so they take O(row_tile * B * (1 + K)) memory
+        instead of O(B^2 * (1 + K)); the values and gradients are those of the untiled loss. Each
+        row sees all its candidates in one tile, so no running logsumexp is needed. Tile t holds
+        rows t, t + B/row_tile, ...: with B sharded over n devices and n dividing row_tile, every
+        device works on its own rows in every tile.
 
     For each size m, embeddings are cut to [..., :m] and L2-normalised; logits are cosine
     similarities times scale, and each direction is a cross-entropy averaged over rows:
@@ -107,6 +114,8 @@ def contrastive_loss(
         raise ValueError(f"output_sizes must be non-empty and within [1, {dim}], got {sizes}")
     if negatives is None and (negatives_valid is not None or negative_keys is not None):
         raise ValueError("negatives_valid and negative_keys need negatives")
+    if row_tile is not None and (row_tile <= 0 or batch % row_tile):
+        raise ValueError(f"row_tile={row_tile} must divide the batch size {batch}")
 
     # Queries and positives are anchors and keep the caller's (row) sharding; every row needs
     # every candidate, so candidate embeddings, keys and masks are gathered whole.
@@ -162,7 +171,7 @@ def contrastive_loss(
         candidates = jnp.concatenate([p, n, q] if same_tower else [p, n])
         return _row_logsumexp_and_label(
             _l2_normalise(query[:, :size]), candidates, scale, labels, to_doc_anchor_keys,
-            to_doc_keys, to_doc_valid,
+            to_doc_keys, to_doc_valid, row_tile,
         )
 
     def doc_to_query(size):
@@ -170,7 +179,7 @@ def contrastive_loss(
         candidates = jnp.concatenate([q, p] if same_tower else [q])
         return _row_logsumexp_and_label(
             _l2_normalise(positive[:, :size]), candidates, scale, labels, to_query_anchor_keys,
-            to_query_keys, to_query_valid,
+            to_query_keys, to_query_valid, row_tile,
         )
 
     to_doc_stats = {size: query_to_doc(size) for size in {*sizes, dim}}
@@ -196,6 +205,7 @@ def _row_logsumexp_and_label(
     anchor_keys: Array,
     candidate_keys: Array,
     candidate_valid: Array,
+    row_tile: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """Per-row statistics of the masked logits scale * anchors @ candidates.T.
 
@@ -206,21 +216,39 @@ def _row_logsumexp_and_label(
       anchor_keys: int32[R, H, 3] and candidate_keys: int32[C, H, 3]: candidate c is excluded
         from row r when its key equals the row's key in any of the H channels.
       candidate_valid: bool[C]; invalid candidates are excluded from every row.
+      row_tile: None computes all R rows at once; else `row_tile` rows at a time (a divisor of
+        R; tile t holds rows t, t + R/row_tile, ...), each tile's logits rematerialised in the
+        backward pass, so at most f32[row_tile, C] logits are alive.
 
     Returns:
-      (logsumexp, label logit, max logit), each f32[R]. Only needs rows of `anchors` and
-      `anchor_keys` with columns of the candidate arrays, so it can be tiled over either.
+      (logsumexp, label logit, max logit), each f32[R].
       Rows may be sharded; the candidate arrays must be whole on every device.
     """
     anchor_keys, labels = (_rows_sharded_like(x, anchors) for x in (anchor_keys, labels))
-    # Full float32 products: at scale ~100, TF32/bf16 rounding of cosines moves logits visibly.
-    logits = scale * jnp.matmul(anchors, candidates.T, precision=jax.lax.Precision.HIGHEST)
-    same_text = jnp.all(anchor_keys[:, None] == candidate_keys[None], axis=-1).any(axis=-1)
-    is_label = jnp.arange(candidates.shape[0])[None, :] == labels[:, None]
-    excluded = (same_text | ~candidate_valid[None, :]) & ~is_label
-    logits = jnp.where(excluded, _MASKED_LOGIT, logits)
-    label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
-    return jax.nn.logsumexp(logits, axis=1), label_logit, jnp.max(logits, axis=1)
+
+    def row_stats(tile):
+        tile_anchors, tile_labels, tile_keys = tile
+        # Full float32 products: at scale ~100, TF32/bf16 rounding of cosines moves logits visibly.
+        logits = scale * jnp.matmul(tile_anchors, candidates.T,
+                                    precision=jax.lax.Precision.HIGHEST)
+        same_text = jnp.all(tile_keys[:, None] == candidate_keys[None], axis=-1).any(axis=-1)
+        is_label = jnp.arange(candidates.shape[0])[None, :] == tile_labels[:, None]
+        excluded = (same_text | ~candidate_valid[None, :]) & ~is_label
+        logits = jnp.where(excluded, _MASKED_LOGIT, logits)
+        label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
+        return jax.nn.logsumexp(logits, axis=1), label_logit, jnp.max(logits, axis=1)
+
+    rows = anchors.shape[0]
+    if row_tile is None or row_tile >= rows:
+        return row_stats((anchors, labels, anchor_keys))
+    num_tiles = rows // row_tile
+
+    def to_tiles(x):  # [R, ...] -> [num_tiles, row_tile, ...]; row i * num_tiles + t -> [t, i]
+        return jnp.swapaxes(x.reshape(row_tile, num_tiles, *x.shape[1:]), 0, 1)
+
+    tiled = jax.lax.map(jax.checkpoint(row_stats),
+                        (to_tiles(anchors), to_tiles(labels), to_tiles(anchor_keys)))
+    return tuple(jnp.swapaxes(stat, 0, 1).reshape(rows) for stat in tiled)
 
 
 def _internal_keys(keys: Array | None, item_namespace: int, shape: tuple[int, ...]) -> Array:

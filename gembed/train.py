@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import optax
 import tqdm
 
-from gembed import checkpoint, sharding
+from gembed import checkpoint, gradcache, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data import load_examples
 from gembed.data.workdir_tokenizer import prepare_tokenizer
-from gembed.data.batching import FIRST_NEGATIVE_SLOT, POSITIVE_SLOT, QUERY_SLOT, TrainBatches
+from gembed.data.batching import TrainBatches
 from gembed.errors import GembedUserError
-from gembed.losses import contrastive_loss
 from gembed.metrics import MetricsWriter
-from gembed.model import EmbeddingModel, ModelConfig, init_params
+from gembed.model import ModelConfig, init_params
+from gembed.objective import batch_loss
 
 
 @flax.struct.dataclass
@@ -80,40 +80,23 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
 
 
-def embed_slots(params, model_config: ModelConfig, token_ids, token_mask, rng) -> jax.Array:
-    """f32[B, S, D] unnormalised embeddings of int32[B, S, L] token slots (query, positive, ...)."""
-    batch, slots, length = token_ids.shape
-    deterministic = model_config.dropout_rate == 0.0
-    flat = EmbeddingModel(model_config).apply(
-        {"params": params}, token_ids.reshape(batch * slots, length),
-        token_mask.reshape(batch * slots, length), deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng})
-    return flat.reshape(batch, slots, -1)
-
-
-def batch_loss(params, batch, rng, model_config: ModelConfig, loss_config: LossConfig):
-    """(loss, metrics) of a global batch (see `TrainBatches` for its fields)."""
-    embeddings = embed_slots(params, model_config, batch["token_ids"], batch["token_mask"], rng)
-    keys = batch["text_keys"] if loss_config.mask_duplicates else None
-    has_negatives = embeddings.shape[1] > FIRST_NEGATIVE_SLOT
-    return contrastive_loss(
-        embeddings[:, QUERY_SLOT], embeddings[:, POSITIVE_SLOT], params["log_scale"],
-        negatives=embeddings[:, FIRST_NEGATIVE_SLOT:] if has_negatives else None,
-        negatives_valid=batch["text_valid"][:, FIRST_NEGATIVE_SLOT:] if has_negatives else None,
-        query_keys=None if keys is None else keys[:, QUERY_SLOT],
-        positive_keys=None if keys is None else keys[:, POSITIVE_SLOT],
-        negative_keys=None if keys is None or not has_negatives else keys[:, FIRST_NEGATIVE_SLOT:],
-        symmetric=loss_config.symmetric, same_tower=loss_config.same_tower,
-        output_sizes=model_config.output_sizes, max_scale=loss_config.max_scale)
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: ModelConfig,
                loss_config: LossConfig, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch. Pure; jit it with the state donated."""
+               schedule: optax.Schedule, chunk_size: int | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch. Pure; jit it with the state donated.
+
+    With `chunk_size` (and the batch's `mesh`) the gradient is computed by gradient caching
+    (`gembed.gradcache`): the same gradient, with activations of one chunk per device alive.
+    """
     step_rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, step_rng, model_config, loss_config)
+    if chunk_size is None:
+        grad_fn = functools.partial(jax.value_and_grad(batch_loss, has_aux=True),
+                                    model_config=model_config, loss_config=loss_config)
+    else:
+        grad_fn = functools.partial(gradcache.cached_value_and_grad, model_config=model_config,
+                                    loss_config=loss_config, chunk_size=chunk_size, mesh=mesh)
+    (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -153,9 +136,7 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     mesh = sharding.make_mesh()
     sharding.check_global_batch(config.batch_size, mesh)
     if config.chunk_size is not None:
-        raise GembedUserError(
-            f"CHUNK_SIZE={config.chunk_size}: gradient caching is not available yet; "
-            f"set CHUNK_SIZE=None.")
+        gradcache.check_chunk_size(config.batch_size, config.chunk_size, mesh.devices.size)
     examples = load_examples(config.train_data, split="train")
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
@@ -182,7 +163,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
     step_fn = jax.jit(
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
-                          optimizer=optimizer, schedule=schedule),
+                          optimizer=optimizer, schedule=schedule, chunk_size=config.chunk_size,
+                          mesh=mesh),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=0)

@@ -1,0 +1,115 @@
+"""Gradient caching (Gao et al., 2021): the exact full-batch gradient in the memory of one chunk.
+
+A contrastive batch cannot be split into independent micro-batches (every query needs every
+document as a negative), so gradient accumulation does not apply. Instead:
+  1. embed the global batch chunk by chunk without keeping activations: f32[B, S, D] embeddings;
+  2. the loss on those embeddings (logits tiled by rows) and its gradient w.r.t. the embeddings
+     and log_scale;
+  3. re-embed each chunk under `jax.vjp` and pull its rows of that gradient back to the params,
+     summed over chunks and then, once, over devices.
+Chunks are per device: inside `shard_map` over the "data" axis each device embeds its own rows
+`chunk_size` at a time, so activation memory per device depends on neither B nor the device count;
+negatives stay global because step 2 runs on the globally sharded embeddings. Dropout keys are a
+function of (device, chunk), identical in steps 1 and 3, so the gradient is exact with dropout too.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from gembed.config import LossConfig
+from gembed.errors import GembedUserError
+from gembed.model import ModelConfig
+from gembed.objective import embed_slots, embeddings_loss
+from gembed.sharding import DATA_AXIS
+
+
+def check_chunk_size(batch_size: int, chunk_size: int, num_devices: int) -> None:
+    """Each device's rows of the global batch must split into whole chunks."""
+    per_device = batch_size // num_devices
+    if per_device % chunk_size:
+        raise GembedUserError(
+            f"CHUNK_SIZE={chunk_size} does not divide the {per_device} examples per device "
+            f"(BATCH_SIZE={batch_size} over {num_devices} devices); use a divisor of {per_device}.")
+
+
+def cached_value_and_grad(params, batch, rng, *, model_config: ModelConfig,
+                          loss_config: LossConfig, chunk_size: int, mesh: Mesh):
+    """((loss, metrics), grads) equal to `jax.value_and_grad(objective.batch_loss)` on the batch.
+
+    Args:
+      params: the EmbeddingModel params, replicated.
+      batch: the global batch (`TrainBatches` fields), leading axis B sharded over "data".
+      rng: the step's key.
+      chunk_size: examples (rows of S slots) each device embeds at a time; divides B / devices.
+      mesh: the mesh whose "data" axis shards the batch.
+    """
+    num_devices = mesh.shape[DATA_AXIS]
+    tokens = (batch["token_ids"], batch["token_mask"])
+    embed = functools.partial(_embed_chunks, model_config=model_config, chunk_size=chunk_size)
+    embeddings = _on_each_device(embed, mesh, out_specs=PartitionSpec(DATA_AXIS))(
+        params, tokens, rng)
+    loss_fn = functools.partial(embeddings_loss, batch=batch, model_config=model_config,
+                                loss_config=loss_config, row_tile=chunk_size * num_devices)
+    (loss, metrics), (loss_param_grads, embedding_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, embeddings)
+    backprop = functools.partial(_backprop_chunks, model_config=model_config,
+                                 chunk_size=chunk_size)
+    encoder_grads = _on_each_device(backprop, mesh, out_specs=PartitionSpec())(
+        params, (*tokens, embedding_grads), rng)
+    return (loss, metrics), jax.tree.map(jnp.add, encoder_grads, loss_param_grads)
+
+
+def _on_each_device(fn, mesh: Mesh, out_specs):
+    """fn(params, per-row arrays, rng) run per device on its rows; params and rng replicated."""
+    return jax.shard_map(fn, mesh=mesh, out_specs=out_specs,
+                         in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS), PartitionSpec()))
+
+
+def _chunked(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[b, ...] -> [b / chunk_size, chunk_size, ...]."""
+    return x.reshape(-1, chunk_size, *x.shape[1:])
+
+
+def _chunk_rng(rng: jax.Array, chunk_index: jax.Array) -> jax.Array:
+    """The dropout key of one chunk of this device's rows."""
+    return jax.random.fold_in(jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS)), chunk_index)
+
+
+def _embed_chunks(params, tokens, rng, *, model_config: ModelConfig, chunk_size: int):
+    """This device's f32[b, S, D] embeddings, one chunk at a time, no activations kept."""
+    token_ids, token_mask = (_chunked(x, chunk_size) for x in tokens)
+
+    def embed_chunk(chunk):
+        index, ids, mask = chunk
+        return embed_slots(params, model_config, ids, mask, _chunk_rng(rng, index))
+
+    chunks = jnp.arange(token_ids.shape[0])
+    embeddings = jax.lax.map(embed_chunk, (chunks, token_ids, token_mask))
+    return embeddings.reshape(-1, *embeddings.shape[2:])
+
+
+def _backprop_chunks(params, rows, rng, *, model_config: ModelConfig, chunk_size: int):
+    """Param gradients of sum(embeddings * embedding_grads) over all devices' rows.
+
+    rows = (token_ids, token_mask, embedding_grads) of this device. The params are cast to
+    device-varying first so that each chunk's VJP stays local; one psum at the end.
+    """
+    token_ids, token_mask, embedding_grads = (_chunked(x, chunk_size) for x in rows)
+    local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+
+    def accumulate(grads, chunk):
+        index, ids, mask, cotangent = chunk
+        _, pull_back = jax.vjp(
+            lambda p: embed_slots(p, model_config, ids, mask, _chunk_rng(rng, index)),
+            local_params)
+        (chunk_grads,) = pull_back(cotangent)
+        return jax.tree.map(jnp.add, grads, chunk_grads), None
+
+    chunks = jnp.arange(token_ids.shape[0])
+    zeros = jax.tree.map(jnp.zeros_like, local_params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (chunks, token_ids, token_mask, embedding_grads))
+    return jax.lax.psum(grads, DATA_AXIS)

@@ -1,0 +1,51 @@
+"""The training objective of a batch: embed its text slots, then the contrastive loss over them.
+
+A batch (see `gembed.data.batching.TrainBatches`) holds per example the slots 0 = query,
+1 = positive, 2.. = hard negatives. `batch_loss` is the plain full-batch objective;
+`gembed.gradcache` computes the same loss from `embed_slots` chunk by chunk and `embeddings_loss`.
+"""
+from __future__ import annotations
+
+import jax
+
+from gembed.config import LossConfig
+from gembed.data.batching import FIRST_NEGATIVE_SLOT, POSITIVE_SLOT, QUERY_SLOT
+from gembed.losses import contrastive_loss
+from gembed.model import EmbeddingModel, ModelConfig
+
+
+def embed_slots(params, model_config: ModelConfig, token_ids, token_mask, rng) -> jax.Array:
+    """f32[B, S, D] unnormalised embeddings of int32[B, S, L] token slots (query, positive, ...)."""
+    batch, slots, length = token_ids.shape
+    deterministic = model_config.dropout_rate == 0.0
+    flat = EmbeddingModel(model_config).apply(
+        {"params": params}, token_ids.reshape(batch * slots, length),
+        token_mask.reshape(batch * slots, length), deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng})
+    return flat.reshape(batch, slots, -1)
+
+
+def embeddings_loss(params, embeddings, batch, model_config: ModelConfig,
+                    loss_config: LossConfig, row_tile: int | None = None):
+    """(loss, metrics) of f32[B, S, D] slot embeddings; of the params only log_scale is used.
+
+    `row_tile` bounds the logits' memory (see `contrastive_loss`).
+    """
+    keys = batch["text_keys"] if loss_config.mask_duplicates else None
+    has_negatives = embeddings.shape[1] > FIRST_NEGATIVE_SLOT
+    return contrastive_loss(
+        embeddings[:, QUERY_SLOT], embeddings[:, POSITIVE_SLOT], params["log_scale"],
+        negatives=embeddings[:, FIRST_NEGATIVE_SLOT:] if has_negatives else None,
+        negatives_valid=batch["text_valid"][:, FIRST_NEGATIVE_SLOT:] if has_negatives else None,
+        query_keys=None if keys is None else keys[:, QUERY_SLOT],
+        positive_keys=None if keys is None else keys[:, POSITIVE_SLOT],
+        negative_keys=None if keys is None or not has_negatives else keys[:, FIRST_NEGATIVE_SLOT:],
+        symmetric=loss_config.symmetric, same_tower=loss_config.same_tower,
+        output_sizes=model_config.output_sizes, max_scale=loss_config.max_scale,
+        row_tile=row_tile)
+
+
+def batch_loss(params, batch, rng, model_config: ModelConfig, loss_config: LossConfig):
+    """(loss, metrics) of a global batch, all activations kept for the backward pass."""
+    embeddings = embed_slots(params, model_config, batch["token_ids"], batch["token_mask"], rng)
+    return embeddings_loss(params, embeddings, batch, model_config, loss_config)
