@@ -9,6 +9,7 @@ CORE = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # TFDS needs it to place builders defined outside its package
     "sentencepiece==0.2.3",
     "gin-config==0.5.0",
     "safetensors>=0.4",

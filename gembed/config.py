@@ -16,6 +16,7 @@ from typing import Sequence
 
 import gin
 
+from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
 
@@ -45,7 +46,8 @@ class LossConfig:
 class TrainConfig:
     """One training stage. Sizes are global (all hosts, all devices); steps are optimizer steps."""
 
-    train_data: str = ""            # JSONL path, tfds:NAME[/CONFIG]:SPLIT, or builtin:NAME
+    train_data: str | None = ""     # JSONL path, tfds:NAME[/CONFIG]:SPLIT, or builtin:NAME
+    datasets: tuple[DatasetSpec, ...] = ()   # a mixture instead of train_data (data/mixture.py)
     batch_size: int = 64
     train_steps: int = 100
     max_length: int = 64            # tokens per text, after truncation
@@ -66,10 +68,23 @@ class TrainConfig:
     grad_clip_norm: float | None = 1.0
     num_hard_negatives: int = 0     # k hard negatives per query taken from each example
     tokenizer: str | None = None    # a sentencepiece .model; None: inherit from INIT_FROM or train
+    skip_bad_examples: bool = False  # skip (and count in metrics) bad data lines instead of stopping
+    max_text_chars: int = 100_000   # a longer text is a bad example (truncation is by tokens)
+
+    @property
+    def dataset_specs(self) -> tuple[DatasetSpec, ...]:
+        """The mixture to train on: `datasets`, or TRAIN_DATA as a one-dataset mixture."""
+        return self.datasets or (DatasetSpec(name=self.train_data, data=self.train_data),)
 
     def __post_init__(self):
+        object.__setattr__(self, "datasets", tuple(self.datasets))
         checks = [
-            (bool(self.train_data), "TRAIN_DATA is empty; set --gin_param='TRAIN_DATA=\"pairs.jsonl\"'"),
+            (bool(self.train_data) or bool(self.datasets),
+             "TRAIN_DATA is empty; set --gin_param='TRAIN_DATA=\"pairs.jsonl\"'"),
+            (not (self.train_data and self.datasets),
+             f"TRAIN_DATA={self.train_data!r} and TrainConfig.datasets are both set; set "
+             f"TRAIN_DATA=None to train on the mixture"),
+            (self.max_text_chars > 0, f"TrainConfig.max_text_chars={self.max_text_chars} must be positive"),
             (self.batch_size > 0, f"BATCH_SIZE={self.batch_size} must be positive"),
             (self.train_steps > 0, f"TRAIN_STEPS={self.train_steps} must be positive"),
             (self.max_length >= 2, f"MAX_LENGTH={self.max_length} must be at least 2"),

@@ -80,8 +80,8 @@ class Embedder:
 def load_checkpoint(path, max_length: int = 128) -> Embedder:
     """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
 
-    The params come from the checkpoint; the model config and tokenizer from the workdir's
-    model_config.json and tokenizer.model.
+    The params come from the checkpoint; the model config, tokenizer and task prompts from the
+    workdir's model_config.json, tokenizer.model and task_prompts.json.
     """
     ref = checkpoint.resolve(path)
     config_dict = json.loads((ref.workdir / "model_config.json").read_text())
@@ -91,4 +91,6 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
     tokenizer = SentencePieceTokenizer(ref.workdir / TOKENIZER_FILE)
-    return Embedder(model_config, params, tokenizer, max_length)
+    prompts_file = ref.workdir / "task_prompts.json"
+    prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
+    return Embedder(model_config, params, tokenizer, max_length, task_prompts=prompts)

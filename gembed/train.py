@@ -12,6 +12,7 @@ import json
 import math
 import pathlib
 import re
+import sys
 import time
 from typing import Any
 
@@ -23,13 +24,18 @@ import tqdm
 
 from gembed import checkpoint, gradcache, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
-from gembed.data import load_examples
+from gembed.data.batching import DataWindow, TrainBatches
+from gembed.data.jsonl import SkippedLines
+from gembed.data.mixture import load_datasets
 from gembed.data.workdir_tokenizer import prepare_tokenizer
-from gembed.data.batching import TrainBatches
 from gembed.errors import GembedUserError
 from gembed.metrics import MetricsWriter
 from gembed.model import ModelConfig, init_params
 from gembed.objective import batch_loss
+
+
+TASK_PROMPTS_FILE = "task_prompts.json"   # {dataset name: query prompt}, for the Embedder
+TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
 
 
 @flax.struct.dataclass
@@ -137,20 +143,27 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     sharding.check_global_batch(config.batch_size, mesh)
     if config.chunk_size is not None:
         gradcache.check_chunk_size(config.batch_size, config.chunk_size, mesh.devices.size)
-    examples = load_examples(config.train_data, split="train")
+    skipped = SkippedLines() if config.skip_bad_examples else None
+    datasets = load_datasets(config.dataset_specs, "train", max_text_chars=config.max_text_chars,
+                             skipped=skipped)
+    if skipped and skipped.count and jax.process_index() == 0:
+        print(f"gembed: skipped {skipped.count} bad training lines (skip_bad_examples=True); "
+              f"first: {skipped.first_error}", file=sys.stderr)
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
     init_ref = (checkpoint.resolve(config.init_from, role="INIT_FROM")
                 if config.init_from and not resuming else None)
+    tokenizer_sample = [example for dataset in datasets
+                        for example in dataset.examples[:TOKENIZER_EXAMPLES // len(datasets)]]
     tokenizer = prepare_tokenizer(
-        workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size, examples=examples,
-        init_from_workdir=init_ref.workdir if init_ref else None)
+        workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size,
+        examples=tokenizer_sample, init_from_workdir=init_ref.workdir if init_ref else None)
     if tokenizer.vocab_size > stage.model.vocab_size:
         raise GembedUserError(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the model's "
             f"vocab_size is {stage.model.vocab_size}; set VOCAB_SIZE to at least the former.")
     batches = TrainBatches(
-        examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+        datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
         add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size))
 
@@ -161,6 +174,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     if jax.process_index() == 0:
         write_operative_config(workdir / "config.gin")
         (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
+        prompts = {d.spec.name: d.spec.query_prompt for d in datasets if d.spec.query_prompt}
+        (workdir / TASK_PROMPTS_FILE).write_text(json.dumps(prompts, indent=1))
     step_fn = jax.jit(
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
                           optimizer=optimizer, schedule=schedule, chunk_size=config.chunk_size,
@@ -174,16 +189,20 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
                          disable=(not show_progress) if show_progress is not None else None,
                          dynamic_ncols=True)
     last: dict = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_data = time.perf_counter(), 0, DataWindow(batches)
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
             state, metrics = step_fn(state, sharding.place_batch(next(host_batches), mesh))
+            window_data.add(step)
             done, window_steps = step + 1, window_steps + 1
             if done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
                 values["examples_per_second"] = window_steps * config.batch_size / elapsed
+                values.update(window_data.flush())
+                if skipped is not None:
+                    values["skipped_examples"] = skipped.count
                 writer.write(done, values)
                 progress.set_postfix(loss=f"{values['loss']:.4f}",
                                      temperature=f"{values['temperature']:.4f}")

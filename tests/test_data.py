@@ -112,7 +112,7 @@ def test_load_examples_resolves_specs(tmp_path):
     assert load_examples("builtin:stdlib_docs", "test") == load_builtin("stdlib_docs", "test")
     with pytest.raises(GembedUserError, match="missing.jsonl: file not found"):
         load_examples(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(GembedUserError, match="TFDS sources are not supported yet"):
+    with pytest.raises(GembedUserError, match="tfds:glue/mrpc:train: cannot open this TFDS split"):
         load_examples("tfds:glue/mrpc:train")
     with pytest.raises(GembedUserError, match=r"'pairs\.csv'.*builtin:stdlib_code"):
         load_examples("pairs.csv")

@@ -97,14 +97,16 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(corpus, refer
     resumed = run_gembed(train_args(corpus, workdir))
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
-    expected = [(m["step"], m["loss"], m["temperature"]) for m in read_metrics(reference_run)]
-    got = [(m["step"], m["loss"], m["temperature"]) for m in read_metrics(workdir)]
+    fields = ("step", "loss", "temperature", "examples_digest", "steps_per_dataset")
+    expected = [tuple(m[f] for f in fields) for m in read_metrics(reference_run)]
+    got = [tuple(m[f] for f in fields) for m in read_metrics(workdir)]
     assert got == expected
 
 
-def test_eight_devices_match_one_device(corpus, reference_run):
+def test_eight_devices_with_gradient_caching_match_one_device(corpus, reference_run):
+    """8 devices, each embedding its 8 rows 4 at a time, give the 1-device plain run's losses."""
     workdir = corpus["root"] / "eight_devices"
-    process = run_gembed(train_args(corpus, workdir),
+    process = run_gembed(train_args(corpus, workdir, "CHUNK_SIZE=4"),
                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
@@ -135,6 +137,8 @@ def error_line(capsys, args) -> str:
     (b'{"query": "a b", "positive": "c d"}\n{"query": "x", \n', "bad.jsonl:2"),
     (b'{"query": "a b", "positive": ""}\n', "bad.jsonl:1"),
     (b'{"query": "a b", "positive": "caf\xe9"}\n', "bad.jsonl:1"),
+    (b'{"query": "a b", "positive": "c"}\n{"positive": "c"}\n', "bad.jsonl:2"),
+    (b'{"query": "a b", "positive": "' + b"long " * 30_000 + b'"}\n', "max_text_chars=100000"),
 ])
 def test_bad_data_exits_2_naming_file_and_line(corpus, reference_run, tmp_path, capsys,
                                                content, expected):
@@ -143,6 +147,19 @@ def test_bad_data_exits_2_naming_file_and_line(corpus, reference_run, tmp_path, 
     line = error_line(capsys, train_args(corpus, reference_run, f"TRAIN_DATA='{bad}'"))
     assert expected in line
     assert load_checkpoint(reference_run, max_length=64).params is not None
+
+
+def test_skip_bad_examples_counts_them(corpus, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    good = (corpus["pairs"]).read_bytes().splitlines()[:100]
+    bad = [b'{"query": "x", ', b'{"query": "a"}', b'{"query": "a", "positive": " "}',
+           b'{"query": "caf\xe9", "positive": "b"}',
+           b'{"query": "a", "positive": "' + b"long " * 30_000 + b'"}']
+    data.write_bytes(b"\n".join(good[:50] + bad + good[50:]) + b"\n")
+    args = train_args(corpus, tmp_path / "run", f"TRAIN_DATA='{data}'", "TRAIN_STEPS=2",
+                      "LOG_EVERY=1", "BATCH_SIZE=16", "TrainConfig.skip_bad_examples=True")
+    assert cli.main(args) == 0
+    assert [m["skipped_examples"] for m in read_metrics(tmp_path / "run")] == [5, 5]
 
 
 def test_unknown_gin_binding_and_missing_init_from_exit_2(corpus, reference_run, tmp_path, capsys):

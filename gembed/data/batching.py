@@ -1,32 +1,48 @@
 """Examples -> tokenized, fixed-shape training batches, addressed by step.
 
-The order of examples is a pure function of (seed, step): a grain `MapDataset` shuffles example
-indices per epoch and groups them into global batches, so the batch of step s can be built without
-reading steps 0..s-1. Resuming at step s therefore sees exactly the examples an uninterrupted run
-would have seen, with nothing to save but the step. Each process tokenizes only its own rows of the
-global batch (`sharding.host_slice`).
+The order of examples is a pure function of (seed, step): per dataset, a grain `MapDataset`
+shuffles example indices per epoch and groups them into global batches, and `MapDataset.mix`
+interleaves the datasets' batches by their weights, so every batch comes from one dataset and the
+batch of step s can be built without reading steps 0..s-1. The data iterator's whole state is
+therefore the step, which every checkpoint holds: resuming at step s sees exactly the examples an
+uninterrupted run would have seen. Each process tokenizes only its own rows of the global batch
+(`sharding.host_slice`).
 
 A batch holds, per example, `2 + k` text slots: 0 = query, 1 = positive, 2.. = hard negatives.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from typing import Iterator, Sequence
 
 import grain
 import numpy as np
 
 from gembed.data.examples import Example
+from gembed.data.mixture import TrainingDataset
+from gembed.errors import GembedUserError
 from gembed.losses import text_keys
 
 QUERY_SLOT, POSITIVE_SLOT, FIRST_NEGATIVE_SLOT = 0, 1, 2
 
 
-def global_batch_indices(num_examples: int, batch_size: int, seed: int) -> grain.MapDataset:
-    """Step -> int64[batch_size] example indices; reshuffled every epoch, endless."""
-    return (grain.MapDataset.range(num_examples)
-            .shuffle(seed=seed)
-            .repeat(None)
-            .batch(batch_size, drop_remainder=True))
+def global_batch_indices(datasets: Sequence[TrainingDataset], batch_size: int,
+                         seed: int) -> grain.MapDataset:
+    """Step -> (dataset index, int64[batch_size] example indices in it); endless.
+
+    Each dataset is reshuffled every epoch; steps go to datasets in proportion to their weights.
+    """
+    per_dataset = [
+        grain.MapDataset.range(len(dataset.examples))
+        .shuffle(seed=seed + index)
+        .repeat(None)
+        .batch(batch_size, drop_remainder=True)
+        .map(lambda indices, index=index: (index, indices))
+        for index, dataset in enumerate(datasets)]
+    if len(per_dataset) == 1:
+        return per_dataset[0]
+    return grain.MapDataset.mix(per_dataset, weights=[d.spec.weight for d in datasets])
 
 
 class TrainBatches:
@@ -37,25 +53,44 @@ class TrainBatches:
       token_mask bool [b, 2+k, max_length]   True on real tokens
       text_valid bool [b, 2+k]               False on hard-negative slots the example lacks
       text_keys  int32[b, 2+k, 2]            64-bit text identity (duplicate masking)
+    Queries carry their dataset's query prompt, documents its document prompt.
     """
 
-    def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int,
+    def __init__(self, datasets: Sequence[TrainingDataset], tokenizer, *, batch_size: int,
                  max_length: int, num_hard_negatives: int, seed: int, add_eos: bool,
                  rows: slice):
-        self._examples = examples
+        self.datasets = list(datasets)
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._num_slots = FIRST_NEGATIVE_SLOT + num_hard_negatives
         self._add_eos = add_eos
         self._rows = rows
-        self._indices = global_batch_indices(len(examples), batch_size, seed)
+        for dataset in self.datasets:
+            if len(dataset.examples) < batch_size:
+                raise GembedUserError(
+                    f"{dataset.spec.data}: {len(dataset.examples)} examples, fewer than "
+                    f"BATCH_SIZE={batch_size}; use a smaller batch or more data.")
+        indices = global_batch_indices(self.datasets, batch_size, seed)
+        self._indices = functools.lru_cache(maxsize=16)(indices.__getitem__)
+
+    def dataset_index(self, step: int) -> int:
+        """Which dataset the batch of `step` comes from."""
+        return int(self._indices(step)[0])
 
     def example_indices(self, step: int) -> np.ndarray:
-        """int64[b]: indices into `examples` of this process's rows at `step`."""
-        return np.asarray(self._indices[step])[self._rows]
+        """int64[b]: indices into that dataset's examples of this process's rows at `step`."""
+        return np.asarray(self._indices(step)[1])[self._rows]
+
+    def fingerprint(self, step: int) -> bytes:
+        """8 bytes identifying the (dataset, examples) of the whole global batch of `step`."""
+        index, indices = self._indices(step)
+        payload = np.concatenate([[index], np.asarray(indices)]).astype("<i8").tobytes()
+        return hashlib.blake2b(payload, digest_size=8).digest()
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        return self._tokenize([self._examples[i] for i in self.example_indices(step)])
+        dataset = self.datasets[self.dataset_index(step)]
+        examples = [dataset.examples[i] for i in self.example_indices(step)]
+        return self._tokenize(examples, dataset.spec.query_prompt, dataset.spec.document_prompt)
 
     def iterate(self, start_step: int, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
         """Batches for steps start_step, start_step+1, ..., prepared by a background thread."""
@@ -63,7 +98,8 @@ class TrainBatches:
         options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
         return iter(steps.to_iter_dataset(options))
 
-    def _tokenize(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    def _tokenize(self, examples: Sequence[Example], query_prompt: str,
+                  document_prompt: str) -> dict[str, np.ndarray]:
         rows, slots, length = len(examples), self._num_slots, self._max_length
         texts, valid = [], np.zeros((rows, slots), bool)
         for row, example in enumerate(examples):
@@ -71,9 +107,11 @@ class TrainBatches:
             valid[row, : FIRST_NEGATIVE_SLOT + len(negatives)] = True
             padding = [""] * (slots - FIRST_NEGATIVE_SLOT - len(negatives))
             texts.extend([example.query, example.positive, *negatives, *padding])
+        prompts = [query_prompt] + [document_prompt] * (slots - 1)
+        prompted = [prompts[i % slots] + text if text else text for i, text in enumerate(texts)]
         token_ids = np.full((rows * slots, length), self._tokenizer.pad_id, np.int32)
         token_mask = np.zeros((rows * slots, length), bool)
-        for i, ids in enumerate(self._tokenizer.encode(texts, length, add_eos=self._add_eos)):
+        for i, ids in enumerate(self._tokenizer.encode(prompted, length, add_eos=self._add_eos)):
             token_ids[i, : len(ids)] = ids
             token_mask[i, : len(ids)] = True
         token_mask &= valid.reshape(-1, 1)
@@ -83,3 +121,29 @@ class TrainBatches:
             "text_valid": valid,
             "text_keys": text_keys(texts).reshape(rows, slots, 2),
         }
+
+
+class DataWindow:
+    """What the steps since the last log line trained on, for `metrics.jsonl`.
+
+    `examples_digest` chains the fingerprints of every step's global batch, so two runs that log
+    the same digests saw the same examples in the same order (an exact-resume check).
+    """
+
+    def __init__(self, batches: TrainBatches):
+        self._batches = batches
+        self._names = [dataset.spec.name for dataset in batches.datasets]
+        self._steps: dict[str, int] = {}
+        self._digest = hashlib.blake2b(digest_size=8)
+
+    def add(self, step: int) -> None:
+        name = self._names[self._batches.dataset_index(step)]
+        self._steps[name] = self._steps.get(name, 0) + 1
+        self._digest.update(self._batches.fingerprint(step))
+
+    def flush(self) -> dict:
+        """{"steps_per_dataset": {name: steps}, "examples_digest": hex} of the window; resets it."""
+        values = {"steps_per_dataset": dict(self._steps),
+                  "examples_digest": self._digest.hexdigest()}
+        self._steps, self._digest = {}, hashlib.blake2b(digest_size=8)
+        return values

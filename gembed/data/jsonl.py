@@ -2,7 +2,11 @@
 
 Each line is one UTF-8 JSON object: {"query": str, "positive": str} with optional
 "negatives": [str, ...] and "task": str. Extra keys are ignored; blank lines are skipped.
+A bad line (invalid UTF-8 or JSON, a missing key, an empty or overlong text) stops the read with its
+file and line, or, given a `SkippedLines` record, is counted there and left out.
 """
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -13,8 +17,25 @@ from gembed.errors import GembedUserError
 LINE_FORMAT = '{"query": str, "positive": str} (optional "negatives": [str], "task": str)'
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Parse every non-blank line of `path` into an Example; raise GembedUserError on bad input."""
+@dataclasses.dataclass
+class SkippedLines:
+    """Bad lines left out of a read: how many, and the first error message."""
+
+    count: int = 0
+    first_error: str | None = None
+
+    def add(self, error: GembedUserError) -> None:
+        self.count += 1
+        self.first_error = self.first_error or str(error)
+
+
+def read_jsonl(path: str | os.PathLike, *, max_text_chars: int | None = None,
+               skipped: SkippedLines | None = None) -> list[Example]:
+    """Parse every non-blank line of `path` into an Example.
+
+    A bad line raises GembedUserError naming it, unless `skipped` is given: then it is counted
+    there and left out. Texts longer than `max_text_chars` characters count as bad.
+    """
     try:
         with open(path, "rb") as file:
             raw_lines = file.read().split(b"\n")
@@ -26,9 +47,15 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         ) from None
     examples = []
     for line_number, raw_line in enumerate(raw_lines, start=1):
-        line = _decode_line(raw_line, f"{path}:{line_number}", strip_bom=line_number == 1)
-        if line.strip():
-            examples.append(_parse_example(line, f"{path}:{line_number}"))
+        where = f"{path}:{line_number}"
+        try:
+            line = _decode_line(raw_line, where, strip_bom=line_number == 1)
+            if line.strip():
+                examples.append(_parse_example(line, where, max_text_chars))
+        except GembedUserError as error:
+            if skipped is None:
+                raise
+            skipped.add(error)
     if not examples:
         raise GembedUserError(f"{path}: no examples found; each line needs {LINE_FORMAT}")
     return examples
@@ -58,7 +85,7 @@ def _decode_line(raw_line: bytes, where: str, strip_bom: bool) -> str:
     return line.removeprefix("\ufeff") if strip_bom else line
 
 
-def _parse_example(line: str, where: str) -> Example:
+def _parse_example(line: str, where: str, max_text_chars: int | None) -> Example:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -72,8 +99,9 @@ def _parse_example(line: str, where: str) -> Example:
     for key in ("query", "positive"):
         if key not in record:
             raise GembedUserError(f'{where}: missing key "{key}"; each line needs {LINE_FORMAT}')
-    query = _text(record["query"], "query", where)
-    positive = _text(record["positive"], "positive", where)
+    text = functools.partial(_text, where=where, max_chars=max_text_chars)
+    query = text(record["query"], "query")
+    positive = text(record["positive"], "positive")
     negatives = record.get("negatives", [])
     if not isinstance(negatives, list):
         raise GembedUserError(
@@ -86,17 +114,21 @@ def _parse_example(line: str, where: str) -> Example:
         query=query,
         positive=positive,
         negatives=tuple(
-            _text(negative, f"negatives[{index}]", where) for index, negative in enumerate(negatives)
+            text(negative, f"negatives[{index}]") for index, negative in enumerate(negatives)
         ),
         task=task,
     )
 
 
-def _text(value: object, name: str, where: str) -> str:
+def _text(value: object, name: str, where: str, max_chars: int | None) -> str:
     if not isinstance(value, str):
         raise GembedUserError(f'{where}: "{name}" must be a string, got {_json_type(value)}')
     if not value.strip():
         raise GembedUserError(f'{where}: "{name}" is empty; give it non-whitespace text or drop the line')
+    if max_chars is not None and len(value) > max_chars:
+        raise GembedUserError(
+            f'{where}: "{name}" has {len(value)} characters, over TrainConfig.max_text_chars='
+            f"{max_chars}; shorten it, raise the limit, or set TrainConfig.skip_bad_examples=True")
     return value
 
 

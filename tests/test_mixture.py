@@ -1,0 +1,129 @@
+"""Mixtures (weights, single-dataset batches, prompts) and the TFDS source, down to `gembed train`."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from gembed import cli
+from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.data.batching import TrainBatches
+from gembed.data.mixture import DatasetSpec, TrainingDataset
+from gembed.data.tfds_pairs import TfdsExamples, prepare_tfds_pairs
+from gembed.errors import GembedUserError
+from gembed.losses import text_keys
+
+
+class CharTokenizer:
+    """Stands in for a real tokenizer: one id per character."""
+
+    pad_id = 0
+
+    def encode(self, texts, max_length, add_eos=False):
+        return [[1 + ord(c) % 997 for c in text[:max_length]] for text in texts]
+
+
+def two_datasets(**specs):
+    docs, code = load_builtin("stdlib_docs", "train")[:300], load_builtin("stdlib_code", "train")[:200]
+    return [TrainingDataset(DatasetSpec(name="docs", data="builtin:stdlib_docs", weight=0.8,
+                                        **specs), docs),
+            TrainingDataset(DatasetSpec(name="code", data="builtin:stdlib_code", weight=0.2), code)]
+
+
+def test_each_batch_comes_from_one_dataset_in_proportion_to_its_weight():
+    datasets = two_datasets()
+    batches = TrainBatches(datasets, CharTokenizer(), batch_size=16, max_length=32,
+                           num_hard_negatives=0, seed=3, add_eos=False, rows=slice(0, 16))
+    counts = collections.Counter()
+    for step in range(500):
+        index = batches.dataset_index(step)
+        counts[datasets[index].spec.name] += 1
+        examples = [datasets[index].examples[i] for i in batches.example_indices(step)]
+        expected_keys = text_keys([t for e in examples for t in (e.query, e.positive)])
+        np.testing.assert_array_equal(batches[step]["text_keys"].reshape(-1, 2), expected_keys)
+    assert abs(counts["docs"] / 500 - 0.8) <= 0.05 and abs(counts["code"] / 500 - 0.2) <= 0.05
+
+
+def test_prompts_go_on_queries_and_documents_of_their_dataset_only():
+    datasets = two_datasets(query_prompt="task: search | query: ", document_prompt="{")
+    batches = TrainBatches(datasets, CharTokenizer(), batch_size=8, max_length=64,
+                           num_hard_negatives=0, seed=0, add_eos=False, rows=slice(0, 8))
+    seen = set()
+    for step in range(10):
+        index = batches.dataset_index(step)
+        example = datasets[index].examples[batches.example_indices(step)[0]]
+        spec = datasets[index].spec
+        expected = CharTokenizer().encode(
+            [spec.query_prompt + example.query, spec.document_prompt + example.positive], 64)
+        ids = batches[step]["token_ids"][0]
+        for slot in range(2):
+            np.testing.assert_array_equal(ids[slot, :len(expected[slot])], expected[slot])
+        seen.add(spec.name)
+    assert seen == {"docs", "code"}
+
+
+def test_a_dataset_smaller_than_the_batch_is_refused():
+    with pytest.raises(GembedUserError, match="fewer than BATCH_SIZE=512"):
+        TrainBatches(two_datasets(), CharTokenizer(), batch_size=512, max_length=8,
+                     num_hard_negatives=0, seed=0, add_eos=False, rows=slice(0, 512))
+
+
+@pytest.fixture(scope="module")
+def prepared_tfds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    examples = load_builtin("stdlib_code", "train")[:400]
+    write_jsonl(root / "train.jsonl", examples)
+    write_jsonl(root / "test.jsonl", load_builtin("stdlib_code", "test")[:50])
+    prepare_tfds_pairs({"train": root / "train.jsonl", "test": root / "test.jsonl"},
+                       name="stdlib_code", data_dir=root / "data")
+    return root, examples
+
+
+def test_tfds_builder_prepares_jsonl_and_reads_it_back_by_random_access(prepared_tfds):
+    root, examples = prepared_tfds
+    import gin
+    gin.clear_config()
+    gin.parse_config(f"TfdsOptions.data_dir = '{root / 'data'}'")
+    try:
+        source = TfdsExamples("tfds:gembed_pairs/stdlib_code:train")
+        assert len(source) == len(examples)
+        by_text = lambda e: (e.query, e.positive)  # noqa: E731
+        assert sorted(source[:], key=by_text) == sorted(examples, key=by_text)
+        with pytest.raises(GembedUserError, match="cannot open this TFDS split"):
+            TfdsExamples("tfds:gembed_pairs/stdlib_code:validation")
+    finally:
+        gin.clear_config()
+
+
+def test_gembed_train_on_a_tfds_and_builtin_mixture_logs_each_steps_dataset(prepared_tfds):
+    root, examples = prepared_tfds
+    train_sentencepiece([t for e in examples for t in (e.query, e.positive)], 500,
+                        root / "sp.model")
+    (root / "mixture.gin").write_text(f"""
+include 'prefinetune.gin'
+TRAIN_DATA = None
+TfdsOptions.data_dir = '{root / 'data'}'
+TrainConfig.datasets = [@code/DatasetSpec(), @docs/DatasetSpec()]
+code/DatasetSpec.name = 'code'
+code/DatasetSpec.data = 'tfds:gembed_pairs/stdlib_code:train'
+code/DatasetSpec.weight = 0.8
+code/DatasetSpec.query_prompt = 'task: code retrieval | query: '
+docs/DatasetSpec.name = 'docs'
+docs/DatasetSpec.data = 'builtin:stdlib_docs'
+docs/DatasetSpec.weight = 0.2
+""")
+    params = ["TRAIN_STEPS=100", "BATCH_SIZE=8", "MAX_LENGTH=16", "LOG_EVERY=10",
+              "CHECKPOINT_EVERY=100", "VOCAB_SIZE=500", f"TrainConfig.tokenizer='{root / 'sp.model'}'"]
+    workdir = root / "run"
+    assert cli.main(["train", "--gin_file=model/tiny.gin", f"--gin_file={root / 'mixture.gin'}",
+                     f"--workdir={workdir}", *[f"--gin_param={p}" for p in params]]) == 0
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    totals = collections.Counter()
+    for line in lines:
+        totals.update(line["steps_per_dataset"])
+    assert totals == {"code": 80, "docs": 20}
+    assert len({line["examples_digest"] for line in lines}) == len(lines)
+    assert json.loads((workdir / "task_prompts.json").read_text()) == {
+        "code": "task: code retrieval | query: "}
