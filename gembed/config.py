@@ -70,6 +70,7 @@ class TrainConfig:
     tokenizer: str | None = None    # a sentencepiece .model; None: inherit from INIT_FROM or train
     skip_bad_examples: bool = False  # skip (and count in metrics) bad data lines instead of stopping
     max_text_chars: int = 100_000   # a longer text is a bad example (truncation is by tokens)
+    length_buckets: bool = True     # pad each batch to a power-of-two bucket, not MAX_LENGTH
 
     @property
     def dataset_specs(self) -> tuple[DatasetSpec, ...]:

@@ -15,20 +15,10 @@ import numpy as np
 import tqdm
 
 from gembed import checkpoint
+from gembed.data.batching import bucket_length
 from gembed.data.tokenizer import SentencePieceTokenizer
 from gembed.data.workdir_tokenizer import TOKENIZER_FILE
 from gembed.model import EmbeddingModel, ModelConfig, init_params
-
-MIN_BUCKET = 16
-
-
-def bucket_length(length: int, max_length: int) -> int:
-    """The padded length for a text of `length` tokens: the next power of two, capped."""
-    bucket = MIN_BUCKET
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
-
 
 class Embedder:
     """A trained model ready to embed text: params, model config, tokenizer and max length."""

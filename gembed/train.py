@@ -24,7 +24,7 @@ import tqdm
 
 from gembed import checkpoint, gradcache, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
-from gembed.data.batching import DataWindow, TrainBatches
+from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_length
 from gembed.data.jsonl import SkippedLines
 from gembed.data.mixture import load_datasets
 from gembed.data.workdir_tokenizer import prepare_tokenizer
@@ -165,7 +165,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     batches = TrainBatches(
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
-        add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size))
+        add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size),
+        length_buckets=config.length_buckets)
 
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
@@ -193,7 +194,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
-            state, metrics = step_fn(state, sharding.place_batch(next(host_batches), mesh))
+            host_batch = pad_to_common_length(next(host_batches), tokenizer.pad_id)
+            state, metrics = step_fn(state, sharding.place_batch(host_batch, mesh))
             window_data.add(step)
             done, window_steps = step + 1, window_steps + 1
             if done % config.log_every == 0 or done == config.train_steps:

@@ -127,3 +127,22 @@ docs/DatasetSpec.weight = 0.2
     assert len({line["examples_digest"] for line in lines}) == len(lines)
     assert json.loads((workdir / "task_prompts.json").read_text()) == {
         "code": "task: code retrieval | query: "}
+
+
+def test_length_buckets_pad_to_the_next_power_of_two_and_keep_every_token():
+    datasets = two_datasets()
+    kwargs = dict(batch_size=8, max_length=512, num_hard_negatives=0, seed=0, add_eos=False,
+                  rows=slice(0, 8))
+    fixed = TrainBatches(datasets, CharTokenizer(), **kwargs)
+    bucketed = TrainBatches(datasets, CharTokenizer(), length_buckets=True, **kwargs)
+    lengths = set()
+    for step in range(20):
+        full, short = fixed[step], bucketed[step]
+        longest = full["token_mask"].sum(-1).max()
+        length = short["token_ids"].shape[-1]
+        assert length == min(512, max(16, 1 << int(longest - 1).bit_length()))
+        np.testing.assert_array_equal(short["token_ids"], full["token_ids"][..., :length])
+        np.testing.assert_array_equal(short["token_mask"], full["token_mask"][..., :length])
+        assert not full["token_mask"][..., length:].any()
+        lengths.add(length)
+    assert len(lengths) > 1

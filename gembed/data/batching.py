@@ -17,7 +17,9 @@ import hashlib
 from typing import Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gembed.data.examples import Example
 from gembed.data.mixture import TrainingDataset
@@ -25,6 +27,33 @@ from gembed.errors import GembedUserError
 from gembed.losses import text_keys
 
 QUERY_SLOT, POSITIVE_SLOT, FIRST_NEGATIVE_SLOT = 0, 1, 2
+MIN_BUCKET = 16
+
+
+def bucket_length(length: int, max_length: int) -> int:
+    """The padded length for `length` tokens: the next power of two (at least 16), capped.
+
+    Padding to a few bucket lengths instead of max_length cuts padding waste while keeping the
+    number of compiled shapes at about log2(max_length / 16) + 1.
+    """
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+def pad_to_common_length(host_batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Pads this process's token arrays to the longest bucket of all processes (multi-host)."""
+    if jax.process_count() == 1:
+        return host_batch
+    length = host_batch["token_ids"].shape[-1]
+    common = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    if common == length:
+        return host_batch
+    padding = [(0, 0)] * (host_batch["token_ids"].ndim - 1) + [(0, common - length)]
+    return {**host_batch,
+            "token_ids": np.pad(host_batch["token_ids"], padding, constant_values=pad_id),
+            "token_mask": np.pad(host_batch["token_mask"], padding)}
 
 
 def global_batch_indices(datasets: Sequence[TrainingDataset], batch_size: int,
@@ -49,8 +78,9 @@ class TrainBatches:
     """Host-local training batches for one process.
 
     Each batch is a dict of NumPy arrays with leading axis = this process's rows `b`:
-      token_ids  int32[b, 2+k, max_length]   right-padded with `tokenizer.pad_id`
-      token_mask bool [b, 2+k, max_length]   True on real tokens
+      token_ids  int32[b, 2+k, L]   right-padded with `tokenizer.pad_id`; L = max_length, or
+                                    with length_buckets the bucket of the longest text
+      token_mask bool [b, 2+k, L]   True on real tokens
       text_valid bool [b, 2+k]               False on hard-negative slots the example lacks
       text_keys  int32[b, 2+k, 2]            64-bit text identity (duplicate masking)
     Queries carry their dataset's query prompt, documents its document prompt.
@@ -58,8 +88,9 @@ class TrainBatches:
 
     def __init__(self, datasets: Sequence[TrainingDataset], tokenizer, *, batch_size: int,
                  max_length: int, num_hard_negatives: int, seed: int, add_eos: bool,
-                 rows: slice):
+                 rows: slice, length_buckets: bool = False):
         self.datasets = list(datasets)
+        self._length_buckets = length_buckets
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._num_slots = FIRST_NEGATIVE_SLOT + num_hard_negatives
@@ -109,9 +140,12 @@ class TrainBatches:
             texts.extend([example.query, example.positive, *negatives, *padding])
         prompts = [query_prompt] + [document_prompt] * (slots - 1)
         prompted = [prompts[i % slots] + text if text else text for i, text in enumerate(texts)]
+        token_lists = self._tokenizer.encode(prompted, length, add_eos=self._add_eos)
+        if self._length_buckets:
+            length = bucket_length(max(map(len, token_lists)), length)
         token_ids = np.full((rows * slots, length), self._tokenizer.pad_id, np.int32)
         token_mask = np.zeros((rows * slots, length), bool)
-        for i, ids in enumerate(self._tokenizer.encode(prompted, length, add_eos=self._add_eos)):
+        for i, ids in enumerate(token_lists):
             token_ids[i, : len(ids)] = ids
             token_mask[i, : len(ids)] = True
         token_mask &= valid.reshape(-1, 1)
