@@ -27,6 +27,7 @@ from gembed.data import load_examples
 from gembed.data.workdir_tokenizer import prepare_tokenizer
 from gembed.data.batching import FIRST_NEGATIVE_SLOT, POSITIVE_SLOT, QUERY_SLOT, TrainBatches
 from gembed.errors import GembedUserError
+from gembed.evaluation.during_training import TrainingEvaluator
 from gembed.losses import contrastive_loss
 from gembed.metrics import MetricsWriter
 from gembed.model import EmbeddingModel, ModelConfig, init_params
@@ -187,6 +188,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=0)
 
+    evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
+                                  config.train_steps)
     writer = MetricsWriter(workdir, resume_step=start_step)
     progress = tqdm.tqdm(total=config.train_steps, initial=start_step, desc="train",
                          disable=(not show_progress) if show_progress is not None else None,
@@ -198,8 +201,11 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         for step in range(start_step, config.train_steps):
             state, metrics = step_fn(state, sharding.place_batch(next(host_batches), mesh))
             done, window_steps = step + 1, window_steps + 1
-            if done % config.log_every == 0 or done == config.train_steps:
+            eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
+            window_start += evaluator.last_seconds   # evaluation time is not training throughput
+            if eval_values or done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                values.update(eval_values)
                 elapsed = time.perf_counter() - window_start
                 values["examples_per_second"] = window_steps * config.batch_size / elapsed
                 writer.write(done, values)
