@@ -445,3 +445,21 @@ def test_mteb_protocol_encode_reads_dataloader_batches_and_picks_the_task():
     model.encode(batches, task_metadata=SimpleNamespace(type="STS"), hf_split="test", hf_subset="default")
     assert [task for _, task in inner.calls] == ["retrieval", None, "sts"]
     assert model.encode(["plain"], task="sts").shape == (1, 128)   # the gembed protocol still works
+
+
+def test_retrieval_scores_match_pytrec_eval_when_installed():
+    pytrec_eval = pytest.importorskip("pytrec_eval")   # in the [mteb] extra, not in CI
+    rng = np.random.default_rng(5)
+    qrels, rankings, run = {}, {}, {}
+    for q in range(30):
+        docs = [f"d{i}" for i in rng.permutation(200)[:120]]
+        qrels[f"q{q}"] = {d: int(rng.integers(1, 3)) for d in rng.choice(docs, 4, replace=False)}
+        rankings[f"q{q}"] = docs[:100]
+        run[f"q{q}"] = {d: float(100 - i) for i, d in enumerate(docs[:100])}
+    ours = metrics.retrieval_scores(rankings, qrels, ks=(1, 10, 100))
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.1,10,100", "recall.10,100", "recip_rank"})
+    theirs = evaluator.evaluate(run)
+    for ours_key, their_key in [("ndcg@1", "ndcg_cut_1"), ("ndcg@10", "ndcg_cut_10"),
+                                ("ndcg@100", "ndcg_cut_100"), ("recall@10", "recall_10"),
+                                ("recall@100", "recall_100")]:
+        assert ours[ours_key] == pytest.approx(100 * np.mean([s[their_key] for s in theirs.values()]))
