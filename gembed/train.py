@@ -29,6 +29,7 @@ from gembed.data.jsonl import SkippedLines
 from gembed.data.mixture import load_datasets
 from gembed.data.workdir_tokenizer import prepare_tokenizer
 from gembed.errors import GembedUserError
+from gembed.evaluation.during_training import TrainingEvaluator
 from gembed.metrics import MetricsWriter
 from gembed.model import ModelConfig, init_params
 from gembed.objective import batch_loss
@@ -185,6 +186,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=0)
 
+    evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
+                                  config.train_steps)
     writer = MetricsWriter(workdir, resume_step=start_step)
     progress = tqdm.tqdm(total=config.train_steps, initial=start_step, desc="train",
                          disable=(not show_progress) if show_progress is not None else None,
@@ -198,8 +201,11 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
             state, metrics = step_fn(state, sharding.place_batch(host_batch, mesh))
             window_data.add(step)
             done, window_steps = step + 1, window_steps + 1
-            if done % config.log_every == 0 or done == config.train_steps:
+            eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
+            window_start += evaluator.last_seconds   # evaluation time is not training throughput
+            if eval_values or done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                values.update(eval_values)
                 elapsed = time.perf_counter() - window_start
                 values["examples_per_second"] = window_steps * config.batch_size / elapsed
                 values.update(window_data.flush())
