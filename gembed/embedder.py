@@ -15,8 +15,7 @@ import numpy as np
 import tqdm
 
 from gembed import checkpoint
-from gembed.data.tokenizer import SentencePieceTokenizer
-from gembed.data.workdir_tokenizer import TOKENIZER_FILE
+from gembed.data.tokenizer_files import open_tokenizer
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 
 MIN_BUCKET = 16
@@ -81,7 +80,7 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
 
     The params come from the checkpoint; the model config and tokenizer from the workdir's
-    model_config.json and tokenizer.model.
+    model_config.json and tokenizer files.
     """
     ref = checkpoint.resolve(path)
     config_dict = json.loads((ref.workdir / "model_config.json").read_text())
@@ -90,5 +89,5 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
-    tokenizer = SentencePieceTokenizer(ref.workdir / TOKENIZER_FILE)
+    tokenizer = open_tokenizer(ref.workdir)
     return Embedder(model_config, params, tokenizer, max_length)
