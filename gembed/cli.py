@@ -45,6 +45,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     train.train(args.workdir, config.build_stage_config())
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from gembed.convert.importer import import_model
+
+    path = import_model(args.source, args.output, attention=args.attention, pooling=args.pooling,
+                        projection_dim=args.projection_dim, max_length=args.max_length)
+    print(f"gembed: wrote model folder {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -59,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num_processes", type=int, help="number of processes (multi-host)")
     train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
     train.set_defaults(run=cmd_train)
+
+    convert = commands.add_parser("import", help="convert a Hugging Face / sentence-transformers "
+                                  "folder (safetensors) to a model folder")
+    convert.add_argument("--source", required=True, help="the source model folder")
+    convert.add_argument("--output", required=True, help="the model folder to write (new)")
+    convert.add_argument("--attention", choices=("causal", "bidirectional"),
+                         help="decoders: keep the causal mask (default) or remove it")
+    convert.add_argument("--pooling", choices=("mean", "first", "last"),
+                         help="default: the sentence-transformers Pooling module, else mean "
+                              "(encoders) or last (decoders)")
+    convert.add_argument("--projection_dim", type=int,
+                         help="add a freshly initialised projection to this size")
+    convert.add_argument("--max_length", type=int,
+                         help="tokens per text (default: the source's max_seq_length, else 512)")
+    convert.set_defaults(run=cmd_import)
     return parser
 
 
