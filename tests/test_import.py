@@ -444,8 +444,9 @@ def test_decoder_hidden_states_match_transformers(tmp_path, model_type):
         valid = torch.tensor([[j < len(row) for j in range(length)] for row in ids])
         if attention == "causal":
             mask = valid.long()   # 2D padding mask: transformers applies its causal mask
-        else:                     # 4D: every query sees every real key, no causal mask
-            mask = valid[:, None, None, :].expand(-1, 1, length, -1)
+        else:   # additive 4D mask: every query sees every real key, no causal mask
+            mask = torch.where(valid[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+            mask = mask.expand(-1, 1, length, -1).contiguous()
         with torch.no_grad():
             peer = model.model(input_ids=token_ids, attention_mask=mask).last_hidden_state.numpy()
         diff = max(np.abs(states - peer[row, :len(states)]).max() for row, states in enumerate(hidden))
