@@ -57,9 +57,10 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, n
 # ---------------------------------------------------------------------------------------------
 # Tiny BERT (sentence-transformers layout, vocab.txt only) and its float64 NumPy forward pass.
 
-BERT = dict(model_type="bert", vocab_size=len(BERT_SPECIAL) + len(WORDS), hidden_size=32,
-            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=32, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
+BERT = {"model_type": "bert", "vocab_size": len(BERT_SPECIAL) + len(WORDS), "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        "max_position_embeddings": 32, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu"}
 BERT_MAX_SEQ_LENGTH = 8
 
 
@@ -148,10 +149,10 @@ def numpy_bert(w: dict, c: dict, ids: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Tiny Llama / Qwen2 (tokenizer.json with a BOS template) and their float64 NumPy forward pass.
 
-DECODER = dict(vocab_size=len(DECODER_SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-               rms_norm_eps=1e-6, rope_theta=500.0, hidden_act="silu",
-               max_position_embeddings=64, tie_word_embeddings=False)
+DECODER = {"vocab_size": len(DECODER_SPECIAL) + len(WORDS), "hidden_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 8, "intermediate_size": 48, "rms_norm_eps": 1e-6, "rope_theta": 500.0,
+           "hidden_act": "silu", "max_position_embeddings": 64, "tie_word_embeddings": False}
 
 
 def decoder_shapes(c: dict, qkv_bias: bool) -> dict[str, tuple[int, ...]]:
