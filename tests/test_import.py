@@ -27,7 +27,7 @@ from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.embedder import load_checkpoint
 from gembed.errors import GembedUserError
-from gembed.model import Encoder, init_params
+from gembed.model import Encoder, ModelConfig, init_params
 from gembed.model_folder import read_model_folder, write_model_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -307,8 +307,6 @@ def test_decoder_import_projection_and_pooling_flags(tmp_path):
 def test_model_folder_round_trip_with_sentencepiece(tmp_path):
     texts = [e.query for e in load_builtin("stdlib_code", "train")[:300]]
     tokenizer = train_sentencepiece(texts, 400, tmp_path / "sp.model")
-    from gembed.model import ModelConfig
-
     config = ModelConfig(vocab_size=400, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
                          projection_dim=8, output_sizes=(4, 8))
     params = init_params(config, jax.random.PRNGKey(3))
@@ -363,8 +361,7 @@ def test_import_user_errors(tmp_path, capsys):
 
 def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(bert_folder, tmp_path, capsys):
     model_dir, _ = bert_folder
-    pairs = [e for e in load_builtin("stdlib_code", "train")[:64]]
-    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    write_jsonl(tmp_path / "pairs.jsonl", load_builtin("stdlib_code", "train")[:64])
     params = [f"INIT_FROM='{model_dir}'", f"TRAIN_DATA='{tmp_path / 'pairs.jsonl'}'", "BATCH_SIZE=8",
               "TRAIN_STEPS=2", "MAX_LENGTH=8", "CHECKPOINT_EVERY=2", "LOG_EVERY=1",
               "LEARNING_RATE=1e-6"]
