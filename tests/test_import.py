@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -359,7 +360,22 @@ def test_import_user_errors(tmp_path, capsys):
     assert status == 2 and "not a folder" in err
 
 
-def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(bert_folder, tmp_path, capsys):
+@pytest.fixture
+def clean_gin():
+    """In-process `gembed train` leaves its gin bindings behind; later tests must not see them."""
+    yield
+    gin.clear_config()
+
+
+def test_import_ignores_gin_bindings_of_the_process(bert_folder, tmp_path, clean_gin):
+    gin.parse_config("ModelConfig.output_sizes = (8, 16)\nModelConfig.projection_dim = 16")
+    write_bert_source(tmp_path / "source")
+    assert cli.main(["import", f"--source={tmp_path / 'source'}", f"--output={tmp_path / 'model'}"]) == 0
+    assert read_model_folder(tmp_path / "model").model_config == read_model_folder(bert_folder[0]).model_config
+
+
+def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(bert_folder, tmp_path,
+                                                                              capsys, clean_gin):
     model_dir, _ = bert_folder
     write_jsonl(tmp_path / "pairs.jsonl", load_builtin("stdlib_code", "train")[:64])
     params = [f"INIT_FROM='{model_dir}'", f"TRAIN_DATA='{tmp_path / 'pairs.jsonl'}'", "BATCH_SIZE=8",

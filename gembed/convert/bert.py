@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gembed.convert.model_config import source_model_config
 from gembed.convert.weight_map import WeightMap
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
@@ -31,7 +32,7 @@ def bert_model_config(config: dict[str, Any], pooling: str, where: pathlib.Path)
     if activation not in ACTIVATIONS:
         raise GembedUserError(f"{where}: hidden_act={activation!r} is not supported "
                               f"({', '.join(ACTIVATIONS)}).")
-    return ModelConfig(
+    return source_model_config(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
         mlp_dim=config["intermediate_size"], mlp_activation=ACTIVATIONS[activation],

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gembed.convert.model_config import source_model_config
 from gembed.convert.weight_map import WeightMap
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
@@ -62,7 +63,7 @@ def decoder_model_config(config: dict[str, Any], attention_mask: str, pooling: s
     use_bias, qkv_bias = _biases(config, model_type, where)
     gemma = model_type == "gemma"
     num_heads = config["num_attention_heads"]
-    return ModelConfig(
+    return source_model_config(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         num_layers=config["num_hidden_layers"], num_heads=num_heads,
         num_kv_heads=config.get("num_key_value_heads") or num_heads,
