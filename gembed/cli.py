@@ -57,6 +57,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(tasks.format_table(results))
     if args.output:
         tasks.write_json(results, args.output)
+def cmd_import(args: argparse.Namespace) -> None:
+    from gembed.convert.importer import import_model
+
+    path = import_model(args.source, args.output, attention=args.attention, pooling=args.pooling,
+                        projection_dim=args.projection_dim, max_length=args.max_length)
+    print(f"gembed: wrote model folder {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     evaluate.add_argument("--dim", type=int, help="evaluate the first DIM coordinates (Matryoshka)")
     evaluate.set_defaults(run=cmd_eval)
+    convert = commands.add_parser("import", help="convert a Hugging Face / sentence-transformers "
+                                  "folder (safetensors) to a model folder")
+    convert.add_argument("--source", required=True, help="the source model folder")
+    convert.add_argument("--output", required=True, help="the model folder to write (new)")
+    convert.add_argument("--attention", choices=("causal", "bidirectional"),
+                         help="decoders: keep the causal mask (default) or remove it")
+    convert.add_argument("--pooling", choices=("mean", "first", "last"),
+                         help="default: the sentence-transformers Pooling module, else mean "
+                              "(encoders) or last (decoders)")
+    convert.add_argument("--projection_dim", type=int,
+                         help="add a freshly initialised projection to this size")
+    convert.add_argument("--max_length", type=int,
+                         help="tokens per text (default: the source's max_seq_length, else 512)")
+    convert.set_defaults(run=cmd_import)
     return parser
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import gin
 
 from gembed.data.mixture import DatasetSpec
+from gembed import model_folder
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
 
@@ -210,9 +211,18 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
 
 
 def build_stage_config() -> StageConfig:
-    """Instantiates the configured dataclasses (call after `parse_gin`)."""
-    return StageConfig(train=TrainConfig(), model=ModelConfig(), loss=LossConfig(),
-                       evaluation=EvalConfig())
+    """Instantiates the configured dataclasses (call after `parse_gin`).
+
+    When INIT_FROM is a model folder, the model is the folder's architecture (see
+    `model_folder.finetune_model_config` for which ModelConfig bindings still apply).
+    """
+    train = TrainConfig()
+    model = ModelConfig()
+    if model_folder.is_model_folder(train.init_from):
+        model = model_folder.finetune_model_config(
+            model_folder.read_model_config(train.init_from), gin.get_bindings(ModelConfig),
+            train.init_from)
+    return StageConfig(train=train, model=model, loss=LossConfig(), evaluation=EvalConfig())
 
 
 def write_operative_config(path: os.PathLike) -> None:

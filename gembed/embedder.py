@@ -16,8 +16,7 @@ import tqdm
 
 from gembed import checkpoint
 from gembed.data.batching import bucket_length
-from gembed.data.tokenizer import SentencePieceTokenizer
-from gembed.data.workdir_tokenizer import TOKENIZER_FILE
+from gembed.data.tokenizer_files import open_tokenizer
 from gembed.evaluation.mteb_adapter import MtebEncoderMixin
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 
@@ -78,7 +77,7 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
 
     The params come from the checkpoint; the model config, tokenizer and task prompts from the
-    workdir's model_config.json, tokenizer.model and task_prompts.json.
+    workdir's model_config.json, tokenizer files and task_prompts.json.
     """
     ref = checkpoint.resolve(path)
     config_dict = json.loads((ref.workdir / "model_config.json").read_text())
@@ -87,7 +86,7 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
-    tokenizer = SentencePieceTokenizer(ref.workdir / TOKENIZER_FILE)
+    tokenizer = open_tokenizer(ref.workdir)
     prompts_file = ref.workdir / "task_prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
     return Embedder(model_config, params, tokenizer, max_length, task_prompts=prompts)

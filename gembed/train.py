@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 import tqdm
 
-from gembed import checkpoint, gradcache, sharding
+from gembed import checkpoint, gradcache, model_folder, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_length
 from gembed.data.jsonl import SkippedLines
@@ -119,7 +119,10 @@ def init_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
 
 
 def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, mesh) -> TrainState:
-    """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch."""
+    """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
+
+    `init_ref`: a checkpoint (CheckpointRef), a read model folder (ModelFolder), or None.
+    """
     replicated = sharding.replicated(mesh)
     make = functools.partial(init_state, stage.model, optimizer, stage.train.seed)
     abstract = jax.eval_shape(make)
@@ -129,7 +132,9 @@ def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, mesh) -> 
         return TrainState.from_items(items)
     state = jax.jit(make, out_shardings=replicated)()
     if init_ref is not None:
-        params = checkpoint.restore_params(init_ref, checkpoint.abstract_like(abstract.params, replicated))
+        params = (jax.device_put(init_ref.params, replicated)
+                  if isinstance(init_ref, model_folder.ModelFolder) else
+                  checkpoint.restore_params(init_ref, checkpoint.abstract_like(abstract.params, replicated)))
         state = dataclasses.replace(state, params=params,
                                     opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
     return state
@@ -152,13 +157,17 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
               f"first: {skipped.first_error}", file=sys.stderr)
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
-    init_ref = (checkpoint.resolve(config.init_from, role="INIT_FROM")
-                if config.init_from and not resuming else None)
+    init_ref = None
+    if config.init_from and not resuming:
+        init_ref = (model_folder.read_model_folder(config.init_from)
+                    if model_folder.is_model_folder(config.init_from)
+                    else checkpoint.resolve(config.init_from, role="INIT_FROM"))
     tokenizer_sample = [example for dataset in datasets
                         for example in dataset.examples[:TOKENIZER_EXAMPLES // len(datasets)]]
     tokenizer = prepare_tokenizer(
         workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size,
-        examples=tokenizer_sample, init_from_workdir=init_ref.workdir if init_ref else None)
+        examples=tokenizer_sample,
+        init_from_dir=getattr(init_ref, "workdir", getattr(init_ref, "path", None)))
     if tokenizer.vocab_size > stage.model.vocab_size:
         raise GembedUserError(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the model's "

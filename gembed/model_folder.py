@@ -1,0 +1,198 @@
+"""The model folder (CONTRACT.md): what `gembed import` and `gembed export` write and `gembed.load` reads.
+
+    gembed_config.json   format_version, the ModelConfig fields, output sizes, task prompts,
+                         max length, tokenizer kind + files, source info
+    model.safetensors    float32 params under their "/"-joined pytree names (e.g.
+                         encoder/layer_0/attention/query/kernel, log_scale)
+    tokenizer files      tokenizer.model (SentencePiece) or tokenizer.json + tokenizer_config.json
+
+No pickle: weights go through `safetensors.numpy`, everything else is JSON. gembed_config.json is
+written last, so a folder is complete once it exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+from gembed.data.tokenizer_files import TOKENIZER_FILES, open_tokenizer, save_tokenizer
+from gembed.errors import GembedUserError
+from gembed.model import ModelConfig, init_params
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "gembed_config.json"
+WEIGHTS_FILE = "model.safetensors"
+MAKE_ONE = "create it with `gembed import` or `gembed export`"
+TRAINING_FIELDS = ("dtype", "dropout_rate", "output_sizes")  # a finetuning stage may choose these
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A read model folder: float32 NumPy params (nested dict) and everything needed to embed."""
+
+    path: pathlib.Path
+    model_config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Any
+    max_length: int
+    task_prompts: dict[str, str]
+    source: dict[str, Any]
+
+
+def is_model_folder(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a folder holding a gembed_config.json."""
+    return path is not None and (pathlib.Path(path) / CONFIG_FILE).is_file()
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Nested params -> {"a/b/c": float32 array}."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        flat["/".join(str(key.key) for key in path)] = np.asarray(leaf, np.float32)
+    return flat
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """{"a/b/c": array} -> nested params."""
+    params: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return params
+
+
+def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from its JSON fields (lists become tuples)."""
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, params: Any, tokenizer,
+                       max_length: int, task_prompts: dict[str, str] | None = None,
+                       source: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes a model folder at `path` (created; existing files replaced) and returns its path.
+
+    `params`: the EmbeddingModel params (any arrays); `tokenizer`: a SentencePieceTokenizer or
+    HuggingFaceTokenizer whose files are copied; `source`: free-form provenance (JSON-able).
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    check_params(model_config, params, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).unlink(missing_ok=True)
+    safetensors.numpy.save_file(flatten_params(params), str(path / WEIGHTS_FILE),
+                                metadata={"format": "gembed"})
+    save_tokenizer(tokenizer, path)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model_config),
+        "output_sizes": list(model_config.output_sizes or (model_config.embedding_size,)),
+        "max_length": max_length,
+        "task_prompts": dict(task_prompts or {}),
+        "tokenizer": {"kind": tokenizer.kind, "files": list(TOKENIZER_FILES[tokenizer.kind])},
+        "source": dict(source or {}),
+    }
+    tmp = path / f"{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
+    return path
+
+
+def check_params(model_config: ModelConfig, params: Any, where: pathlib.Path) -> None:
+    """Raises a GembedUserError unless `params` has exactly the names and shapes of the model."""
+    expected = {name: tuple(shape.shape) for name, shape in flatten_abstract(model_config).items()}
+    actual = {name: tuple(np.shape(value)) for name, value in flatten_params(params).items()}
+    for name in sorted(expected.keys() | actual.keys()):
+        if expected.get(name) != actual.get(name):
+            raise GembedUserError(
+                f"{where}: param {name} has shape {actual.get(name)} but the model config wants "
+                f"{expected.get(name)} (None = absent); the folder is corrupt, {MAKE_ONE} again.")
+
+
+def flatten_abstract(model_config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """{"/"-joined name: ShapeDtypeStruct} of the model's params, without computing any."""
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+    return {"/".join(str(key.key) for key in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+
+
+def _read_config(path: pathlib.Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise GembedUserError(f"{path}: not a model folder (no {CONFIG_FILE}); {MAKE_ONE}.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GembedUserError(f"{config_path}: not valid JSON ({e}); {MAKE_ONE} again.") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise GembedUserError(
+            f"{config_path}: format_version {version!r} is not {FORMAT_VERSION}; "
+            f"{MAKE_ONE} with this gembed version.")
+    return config
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """Only the ModelConfig of a model folder (no weights are read)."""
+    config_path = pathlib.Path(path).resolve() / CONFIG_FILE
+    config = _read_config(config_path.parent)
+    try:
+        return model_config_from_dict(config["model"])
+    except (KeyError, TypeError) as e:
+        raise GembedUserError(
+            f"{config_path}: missing or invalid field ({e}); {MAKE_ONE} again.") from None
+
+
+def finetune_model_config(folder_config: ModelConfig, bindings: dict[str, Any],
+                          folder: str | os.PathLike) -> ModelConfig:
+    """The architecture of a stage whose INIT_FROM is a model folder: the folder's.
+
+    Of the gin `bindings` of ModelConfig, only the TRAINING_FIELDS (compute dtype, dropout,
+    Matryoshka output sizes) apply; any other binding must agree with the folder, so a model gin
+    file that contradicts the folder fails loudly instead of silently losing.
+    """
+    for field, value in sorted(bindings.items()):
+        value = tuple(value) if isinstance(value, list) else value
+        if field not in TRAINING_FIELDS and value != getattr(folder_config, field):
+            raise GembedUserError(
+                f"{folder}: INIT_FROM is a model folder with ModelConfig.{field}="
+                f"{getattr(folder_config, field)!r} but the gin config binds {value!r}; the "
+                f"folder's architecture is used, so drop that binding (or the model gin file).")
+    return dataclasses.replace(
+        folder_config, **{field: bindings[field] for field in TRAINING_FIELDS if field in bindings})
+
+
+def read_model_folder(path: str | os.PathLike) -> ModelFolder:
+    """Reads and checks a model folder (config, weights against the config, tokenizer)."""
+    path = pathlib.Path(path).resolve()
+    config = _read_config(path)
+    config_path = path / CONFIG_FILE
+    model_config = read_model_config(path)
+    try:
+        max_length = int(config["max_length"])
+        tokenizer_kind = config["tokenizer"]["kind"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise GembedUserError(
+            f"{config_path}: missing or invalid field ({e}); {MAKE_ONE} again.") from None
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise GembedUserError(f"{weights_path}: weights file missing; {MAKE_ONE} again.")
+    try:
+        flat = safetensors.numpy.load_file(str(weights_path))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise GembedUserError(
+            f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+            f"{MAKE_ONE} again.") from None
+    params = unflatten_params(flat)
+    check_params(model_config, params, weights_path)
+    return ModelFolder(path=path, model_config=model_config, params=params,
+                       tokenizer=open_tokenizer(path, tokenizer_kind), max_length=max_length,
+                       task_prompts=dict(config.get("task_prompts") or {}),
+                       source=dict(config.get("source") or {}))
