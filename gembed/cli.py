@@ -57,12 +57,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(tasks.format_table(results))
     if args.output:
         tasks.write_json(results, args.output)
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from gembed.convert.importer import import_model
 
     path = import_model(args.source, args.output, attention=args.attention, pooling=args.pooling,
                         projection_dim=args.projection_dim, max_length=args.max_length)
     print(f"gembed: wrote model folder {path}")
+
+
+def cmd_mine(args: argparse.Namespace) -> None:
+    from gembed.data import load_examples, write_jsonl
+    from gembed.embedder import load_embedder
+    from gembed.mining import mine_hard_negatives
+
+    examples = load_examples(args.input, split=args.split)
+    embedder = load_embedder(args.model, max_length=args.max_length)
+    mined, stats = mine_hard_negatives(
+        embedder, examples, num_negatives=args.num_negatives, candidates=args.candidates,
+        relative_margin=args.relative_margin, task=args.task, batch_size=args.batch_size,
+        show_progress=sys.stderr.isatty())
+    write_jsonl(args.output, mined)
+    print(f"gembed: wrote {len(mined)} examples with {stats.negatives} negatives to {args.output}; "
+          f"dropped {stats.dropped_positive} positives and {stats.dropped_by_margin} candidates "
+          f"within the margin; {stats.queries_short_of_negatives} queries got fewer than "
+          f"{args.num_negatives}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max_length", type=int,
                          help="tokens per text (default: the source's max_seq_length, else 512)")
     convert.set_defaults(run=cmd_import)
+
+    mine = commands.add_parser(
+        "mine", help="add mined hard negatives to training pairs",
+        description="Embeds the queries and the pool of positives with a first-round model, takes "
+                    "each query's nearest documents, drops its positive and any candidate scoring "
+                    "at least RELATIVE_MARGIN x the positive's score, and writes JSONL with "
+                    "`negatives` for the finetune stage.")
+    mine.add_argument("--model", required=True, help="a model folder or a training CKPT")
+    mine.add_argument("--input", required=True, help="training pairs: JSONL, tfds:..., builtin:NAME")
+    mine.add_argument("--split", default="train", help="split of a built-in corpus")
+    mine.add_argument("--output", required=True, help="the JSONL to write")
+    mine.add_argument("--num_negatives", type=int, default=4, help="negatives per example, at most")
+    mine.add_argument("--candidates", type=int, default=30, help="neighbours examined per query")
+    mine.add_argument("--relative_margin", type=float, default=0.95,
+                      help="drop candidates scoring >= this x the positive's score")
+    mine.add_argument("--task", help="the task whose prompt queries get")
+    mine.add_argument("--max_length", type=int, default=128, help="tokens per text")
+    mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
+    mine.set_defaults(run=cmd_mine)
     return parser
 
 

@@ -90,3 +90,12 @@ def load_checkpoint(path, max_length: int = 128) -> Embedder:
     prompts_file = ref.workdir / "task_prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
     return Embedder(model_config, params, tokenizer, max_length, task_prompts=prompts)
+
+
+def load_embedder(path, max_length: int = 128) -> Embedder:
+    """An Embedder from a model folder (`gembed.load`) or a training CKPT (`load_checkpoint`)."""
+    from gembed import load, model_folder
+
+    if model_folder.is_model_folder(path):
+        return load(path)
+    return load_checkpoint(path, max_length=max_length)

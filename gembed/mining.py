@@ -42,7 +42,7 @@ def mine_hard_negatives(embedder, examples: Sequence[Example], *, num_negatives:
       num_negatives: negatives kept per example, at most.
       candidates: nearest documents examined per query.
       relative_margin: a candidate scoring >= relative_margin * score(query, positive) is
-        dropped as a probable false negative; 1.0 keeps every non-positive candidate.
+        dropped as a probable false negative (1.0: only candidates scoring below the positive).
       documents: the pool to mine from; default: the distinct positives of `examples`.
       task: the task whose prompt the queries get.
     """
