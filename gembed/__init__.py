@@ -9,11 +9,11 @@ def load(model_dir):
     from gembed.embedder import Embedder
     from gembed.model_folder import read_model_folder
 
-    folder = read_model_folder(model_dir)
     import jax
 
-    return Embedder(folder.model_config, jax.device_put(folder.params), folder.tokenizer, folder.max_length,
-                    folder.task_prompts)
+    folder = read_model_folder(model_dir)
+    return Embedder(folder.model_config, jax.device_put(folder.params), folder.tokenizer,
+                    folder.max_length, folder.task_prompts)
 
 
 __all__ = ["load"]
