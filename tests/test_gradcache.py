@@ -136,7 +136,7 @@ def test_cached_step_equals_plain_step(case):
 def test_cached_step_equals_plain_step_on_8_devices_in_process():
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices; test_cached_step_equals_plain_step_on_8_devices runs it")
-    for case in CASES[:3]:  # chunks of 2 and 4 of the 8 or 16 rows per device
+    for case in CASES[1:3]:  # chunks of 2 and 4 of the 16 or 32 rows per device
         assert_same_step(dataclasses.replace(case, batch=case.batch * 8), sharding.make_mesh())
 
 

@@ -360,14 +360,7 @@ def test_import_user_errors(tmp_path, capsys):
     assert status == 2 and "not a folder" in err
 
 
-@pytest.fixture
-def clean_gin():
-    """In-process `gembed train` leaves its gin bindings behind; later tests must not see them."""
-    yield
-    gin.clear_config()
-
-
-def test_import_ignores_gin_bindings_of_the_process(bert_folder, tmp_path, clean_gin):
+def test_import_ignores_gin_bindings_of_the_process(bert_folder, tmp_path):
     gin.parse_config("ModelConfig.output_sizes = (8, 16)\nModelConfig.projection_dim = 16")
     write_bert_source(tmp_path / "source")
     assert cli.main(["import", f"--source={tmp_path / 'source'}", f"--output={tmp_path / 'model'}"]) == 0
@@ -375,7 +368,7 @@ def test_import_ignores_gin_bindings_of_the_process(bert_folder, tmp_path, clean
 
 
 def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(bert_folder, tmp_path,
-                                                                              capsys, clean_gin):
+                                                                              capsys):
     model_dir, _ = bert_folder
     write_jsonl(tmp_path / "pairs.jsonl", load_builtin("stdlib_code", "train")[:64])
     params = [f"INIT_FROM='{model_dir}'", f"TRAIN_DATA='{tmp_path / 'pairs.jsonl'}'", "BATCH_SIZE=8",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import json
 
+import gin
 import numpy as np
 import pytest
 
@@ -83,18 +84,13 @@ def prepared_tfds(tmp_path_factory):
 
 def test_tfds_builder_prepares_jsonl_and_reads_it_back_by_random_access(prepared_tfds):
     root, examples = prepared_tfds
-    import gin
-    gin.clear_config()
     gin.parse_config(f"TfdsOptions.data_dir = '{root / 'data'}'")
-    try:
-        source = TfdsExamples("tfds:gembed_pairs/stdlib_code:train")
-        assert len(source) == len(examples)
-        by_text = lambda e: (e.query, e.positive)  # noqa: E731
-        assert sorted(source[:], key=by_text) == sorted(examples, key=by_text)
-        with pytest.raises(GembedUserError, match="cannot open this TFDS split"):
-            TfdsExamples("tfds:gembed_pairs/stdlib_code:validation")
-    finally:
-        gin.clear_config()
+    source = TfdsExamples("tfds:gembed_pairs/stdlib_code:train")
+    assert len(source) == len(examples)
+    by_text = lambda e: (e.query, e.positive)  # noqa: E731
+    assert sorted(source[:], key=by_text) == sorted(examples, key=by_text)
+    with pytest.raises(GembedUserError, match="cannot open this TFDS split"):
+        TfdsExamples("tfds:gembed_pairs/stdlib_code:validation")
 
 
 def test_gembed_train_on_a_tfds_and_builtin_mixture_logs_each_steps_dataset(prepared_tfds):

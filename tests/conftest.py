@@ -1,0 +1,14 @@
+"""Shared test hygiene: every test starts and ends with an empty, unlocked gin config.
+
+An in-process `gembed train` parses and locks gin bindings (e.g. model/tiny.gin's output sizes);
+gin-configurable dataclasses would otherwise pick them up in later, unrelated tests.
+"""
+import gin
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def clean_gin_config():
+    gin.clear_config()
+    yield
+    gin.clear_config()
