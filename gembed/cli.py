@@ -122,6 +122,12 @@ def cmd_encode(args: argparse.Namespace) -> None:
     print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from gembed.recipe import run_recipe
+
+    print(run_recipe(args.gin_file, args.gin_param, args.workdir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -218,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--dim", type=int, help="keep the first DIM coordinates (Matryoshka)")
     encode.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     encode.set_defaults(run=cmd_encode)
+
+    run = commands.add_parser(
+        "run", help="the whole recipe: pre-finetune, finetune runs, soups, export, eval",
+        description="Runs the stages of a recipe gin file (a gembed.recipe.Recipe) in DIR/<stage>/, "
+                    "skipping stages already complete, and prints the results table.")
+    run.add_argument("--gin_file", required=True,
+                     help="the recipe, e.g. experiments/recipes/quickstart.gin")
+    run.add_argument("--gin_param", action="append", default=[],
+                     help="a binding NAME=VALUE applied after the recipe, e.g. "
+                          "INIT_FROM='models/minilm' (repeatable)")
+    run.add_argument("--workdir", required=True, help="where every stage's folder goes")
+    run.set_defaults(run=cmd_run)
     return parser
 
 
