@@ -1,10 +1,13 @@
-"""`gembed soup`, `gembed export`, `gembed encode` and `gembed run` on tiny trained checkpoints.
+"""`gembed run`, `gembed soup`, `gembed export` and `gembed encode` on tiny trained checkpoints.
 
-Two 3-step runs of model/tiny.gin (seeds 0 and 1, one shared tokenizer) are the ingredients for
-every test; soups and exports are checked against NumPy reads of the checkpoints' params.
+One miniature recipe run (model/tiny.gin: a 2-step prefinetune, two 3-step finetunes with seeds 0
+and 1 sharing one tokenizer) is checked itself and gives the ingredients of every other test;
+soups and exports are checked against NumPy reads of the checkpoints' params.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -25,32 +28,54 @@ TEXTS = ["Return the sum of a and b.", "def add(a, b): return a + b",
          "Open a file for reading.", "x", "Split a string on whitespace and strip each part."]
 
 
+RECIPE = """
+Recipe.model_gin_files = ['model/tiny.gin']
+Recipe.prefinetune_gin_files = ['prefinetune.gin']
+Recipe.prefinetune_params = {prefinetune}
+Recipe.finetune_gin_files = ['finetune.gin']
+Recipe.finetune_params = {finetune}
+Recipe.finetune_runs = {{'a': ['SEED=0'], 'b': ['SEED=1']}}
+Recipe.soup_method = 'greedy'
+Recipe.soup_task = 'stdlib_code'
+Recipe.eval_tasks = ['stdlib_code']
+"""
+
+
+def stage_params(corpus) -> list[str]:
+    return [f"TRAIN_DATA='{corpus['pairs']}'", "MAX_LENGTH=16", "CHECKPOINT_EVERY=3",
+            "LOG_EVERY=1", "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=1",
+            f"TrainConfig.tokenizer='{corpus['tokenizer']}'"]
+
+
 def train_args(corpus, workdir, *extra_params):
-    params = [f"TRAIN_DATA='{corpus['pairs']}'", "TRAIN_STEPS=3", "BATCH_SIZE=8", "MAX_LENGTH=16",
-              "CHECKPOINT_EVERY=3", "LOG_EVERY=1", "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=1",
-              f"TrainConfig.tokenizer='{corpus['tokenizer']}'", *extra_params]
+    params = [*stage_params(corpus), "TRAIN_STEPS=3", "BATCH_SIZE=8", *extra_params]
     return (["train", "--gin_file=model/tiny.gin", "--gin_file=prefinetune.gin",
              f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params])
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Runs A (seed 0) and B (seed 1) on 200 stdlib pairs; C: A's workdir with a params-only
-    checkpoint of another ModelConfig (mlp_dim 128)."""
+    """A miniature `gembed run` on 200 stdlib pairs: its finetune runs A (seed 0) and B (seed 1)
+    are the ingredients of the other tests; C: A's workdir with a params-only checkpoint of
+    another ModelConfig (mlp_dim 128)."""
     root = tmp_path_factory.mktemp("soup")
     pairs = load_builtin("stdlib_code", "train")[:200]
     write_jsonl(root / "pairs.jsonl", pairs)
     train_sentencepiece([t for e in pairs for t in (e.query, e.positive)], 1000, root / "sp.model")
     corpus = {"root": root, "pairs": root / "pairs.jsonl", "tokenizer": root / "sp.model"}
-    for name, seed in (("a", 0), ("b", 1)):
-        assert cli.main(train_args(corpus, root / name, f"SEED={seed}")) == 0
-        corpus[name] = root / name
-    gin.clear_config()
+    (root / "recipe.gin").write_text(RECIPE.format(
+        prefinetune=stage_params(corpus) + ["TRAIN_STEPS=2", "BATCH_SIZE=16"],
+        finetune=stage_params(corpus) + ["TRAIN_STEPS=3", "BATCH_SIZE=8", "LEARNING_RATE=1e-3"]))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["run", f"--gin_file={root / 'recipe.gin'}", f"--workdir={root / 'run'}"]) == 0
+    corpus["table"] = stdout.getvalue()
+    corpus["a"], corpus["b"] = root / "run" / "a", root / "run" / "b"
     corpus["c"] = root / "c"
     corpus["c"].mkdir()
     for item in ("tokenizer.model", "task_prompts.json", "embedder.json"):
-        shutil.copyfile(root / "a" / item, corpus["c"] / item)
-    fields = {**json.loads((root / "a" / "model_config.json").read_text()), "mlp_dim": 128}
+        shutil.copyfile(corpus["a"] / item, corpus["c"] / item)
+    fields = {**json.loads((corpus["a"] / "model_config.json").read_text()), "mlp_dim": 128}
     (corpus["c"] / "model_config.json").write_text(json.dumps(fields))
     checkpoint.save_params(corpus["c"], 3, init_params(model_config_from_dict(fields),
                                                        jax.random.PRNGKey(0)))
@@ -76,7 +101,9 @@ def test_soup_of_two_is_their_mean_and_of_one_is_itself(corpus, tmp_path):
     assert cli.main(["export", f"--checkpoint={tmp_path / 'ab'}", f"--output={tmp_path / 'ab_model'}"]) == 0
     exported = read_weights(tmp_path / "ab_model" / "model.safetensors")
     assert exported.keys() == a.keys() and "log_scale" in exported
-    assert max(np.max(np.abs(exported[n] - (a[n].astype(np.float64) + b[n]) / 2)) for n in a) < 1e-7
+    for name in a:   # the float64 mean, rounded once to float32
+        expected = ((a[name].astype(np.float64) + b[name]) / 2).astype(np.float32)
+        np.testing.assert_array_equal(exported[name], expected)
     assert not np.allclose(a["log_scale"], b["log_scale"])   # the temperature is souped too
 
     assert cli.main(["soup", f"--output={tmp_path / 'a'}", str(corpus["a"])]) == 0
@@ -155,3 +182,25 @@ def test_encode_writes_the_embeddings_of_each_line(corpus, tmp_path):
     expected = prefix / np.linalg.norm(prefix, axis=1, keepdims=True)
     assert short.shape == (len(TEXTS), 32)
     np.testing.assert_allclose(short, expected, atol=1e-6)
+
+
+def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, capsys):
+    run = corpus["root"] / "run"
+    stages = ["prefinetune", "a", "b", "soup_uniform", "soup_greedy", "model", "eval"]
+    assert all((run / stage / "stage.json").is_file() for stage in stages)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    rows = ["a", "b", "soup_uniform", "soup_greedy", "model (export of soup_greedy)"]
+    assert list(results) == rows
+    for row in rows:
+        assert f"{results[row]['stdlib_code']['main_score']:.2f}" in corpus["table"]
+    assert (results["model (export of soup_greedy)"]["stdlib_code"]["main_score"]
+            == pytest.approx(results["soup_greedy"]["stdlib_code"]["main_score"], abs=1e-4))
+    assert json.loads((run / "soup_uniform" / "soup.json").read_text())["kept"] == [
+        str(run / "a" / "checkpoints" / "3"), str(run / "b" / "checkpoints" / "3")]
+    finished = {stage: (run / stage / "stage.json").stat().st_mtime_ns for stage in stages}
+    capsys.readouterr()
+    assert cli.main(["run", f"--gin_file={corpus['root'] / 'recipe.gin'}", f"--workdir={run}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == corpus["table"].strip()
+    assert err.count("complete, skipped") == len(stages)
+    assert finished == {stage: (run / stage / "stage.json").stat().st_mtime_ns for stage in stages}
