@@ -46,7 +46,8 @@ def flat_params(params) -> dict[str, np.ndarray]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def _describe(array: np.ndarray | None) -> str:
+def _signature(array: np.ndarray | None) -> str:
+    """"float32[64, 256]", or "absent"."""
     return "absent" if array is None else f"{array.dtype}{list(array.shape)}"
 
 
@@ -58,7 +59,7 @@ class Ingredients:
             raise GembedUserError("no CKPT given; name at least one checkpoint to soup.")
         self.refs = [checkpoint.resolve(path) for path in checkpoints]
         self.first = load_checkpoint(self.refs[0].step_dir)
-        self._reference = {name: (value.shape, value.dtype)
+        self._reference = {name: _signature(value)
                            for name, value in flat_params(self.first.params).items()}
         self._check_tokenizers()
 
@@ -78,14 +79,12 @@ class Ingredients:
         embedder = self.first if index == 0 else load_checkpoint(ref.step_dir)
         flat = flat_params(embedder.params)
         for name in sorted(self._reference.keys() | flat.keys()):
-            mine = flat.get(name)
-            if self._reference.get(name) != (None if mine is None else (mine.shape, mine.dtype)):
-                first = self._reference.get(name)
+            first, this = self._reference.get(name, "absent"), _signature(flat.get(name))
+            if first != this:
                 raise GembedUserError(
-                    f"{self.refs[0].step_dir} and {ref.step_dir}: param {name} is "
-                    f"{'absent' if first is None else f'{first[1]}{list(first[0])}'} in the first "
-                    f"but {_describe(mine)} in the second; soup only runs of one architecture "
-                    f"(the same model gin file).")
+                    f"{self.refs[0].step_dir} and {ref.step_dir}: param {name} is {first} in the "
+                    f"first but {this} in the second; soup only runs of one architecture (the same "
+                    f"model gin file).")
         for field in dataclasses.fields(self.first.model_config):
             a = getattr(self.first.model_config, field.name)
             b = getattr(embedder.model_config, field.name)
