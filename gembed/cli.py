@@ -115,9 +115,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if args.dim is not None and not 0 < args.dim <= model.embedding_size:
         raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into "
                               f"{model.embedding_size} dims; pick 1..{model.embedding_size}.")
-    embeddings = model.encode(texts, task=args.task, dim=args.dim,
-                                         batch_size=args.batch_size,
-                                         show_progress=sys.stderr.isatty())
+    embeddings = model.encode(texts, task=args.task, dim=args.dim, batch_size=args.batch_size,
+                              show_progress=sys.stderr.isatty())
     np.save(args.output, embeddings.astype(np.float32))
     print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
 
