@@ -1,8 +1,9 @@
 """`gembed run`: the whole recipe as one job, configured by a gin-configurable `Recipe`.
 
-Stages, each in DIR/<stage>/ and each marked complete by DIR/<stage>/stage.json (its spec and
-wall time), so a re-run skips what is done and resumes the rest (training resumes from its own
-checkpoints; an incomplete soup/export/eval folder is redone from scratch):
+Stages, each in DIR/<stage>/ and each marked complete by DIR/stages/<stage>.json (its spec and
+wall time; kept apart so the stage folders hold only what the stage writes), so a re-run skips
+what is done and resumes the rest (training resumes from its own checkpoints; an incomplete
+soup/export/eval folder is redone from scratch):
 
     prefinetune       `gembed train` with the prefinetune gin files (trains the tokenizer when
                       none is given or inherited); left out when prefinetune_gin_files is empty
@@ -29,7 +30,7 @@ import gin
 
 from gembed.errors import GembedUserError
 
-STAGE_FILE = "stage.json"
+STAGES_DIR = "stages"   # DIR/stages/<stage>.json marks a complete stage
 RESULTS_FILE = "results.json"
 
 
@@ -59,7 +60,7 @@ class Recipe:
             object.__setattr__(self, field, tuple(getattr(self, field)))
         runs = {name: tuple(params) for name, params in dict(self.finetune_runs).items()}
         object.__setattr__(self, "finetune_runs", runs)
-        reserved = {"prefinetune", "soup_uniform", "soup_greedy", "model", "eval"}
+        reserved = {"prefinetune", "soup_uniform", "soup_greedy", "model", "eval", STAGES_DIR}
         checks = [
             (bool(runs), "Recipe.finetune_runs is empty; give at least one {name: [params]}"),
             (not reserved & runs.keys(),
@@ -95,24 +96,27 @@ class Runner:
 
     def stage(self, name: str, spec: dict[str, Any], run: Callable[[pathlib.Path], None],
               resumable: bool = False) -> pathlib.Path:
-        """Runs `run(DIR/name)` unless DIR/name/stage.json says it completed with this `spec`."""
+        """Runs `run(DIR/name)` unless DIR/stages/name.json says it completed with this `spec`."""
         path = self.workdir / name
-        marker = path / STAGE_FILE
-        if marker.is_file():
+        marker = self.workdir / STAGES_DIR / f"{name}.json"
+        if marker.is_file() and path.is_dir():   # deleting DIR/<stage> redoes the stage
             done = json.loads(marker.read_text())
             if done["spec"] != spec:
                 raise GembedUserError(
                     f"{marker}: stage {name} completed with another configuration than this "
-                    f"recipe's; use a new --workdir, or delete {path} to redo it.")
+                    f"recipe's; use a new --workdir, or delete {path} (and the stages after it) to "
+                    f"redo it.")
             self.log(f"gembed run: {name}: complete, skipped ({done['seconds']:.0f} s before)")
             return path
+        marker.unlink(missing_ok=True)
         if path.exists() and not resumable:
             shutil.rmtree(path)
         self.log(f"gembed run: {name}: running")
         start = time.perf_counter()
         run(path)
         seconds = time.perf_counter() - start
-        tmp = path / f"{STAGE_FILE}.tmp"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stage": name, "spec": spec, "seconds": seconds}, indent=1))
         os.replace(tmp, marker)
         self.log(f"gembed run: {name}: done in {seconds:.0f} s")

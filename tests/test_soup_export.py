@@ -187,7 +187,7 @@ def test_encode_writes_the_embeddings_of_each_line(corpus, tmp_path):
 def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, capsys):
     run = corpus["root"] / "run"
     stages = ["prefinetune", "a", "b", "soup_uniform", "soup_greedy", "model", "eval"]
-    assert all((run / stage / "stage.json").is_file() for stage in stages)
+    assert all((run / "stages" / f"{stage}.json").is_file() for stage in stages)
     results = json.loads((run / "eval" / "results.json").read_text())
     rows = ["a", "b", "soup_uniform", "soup_greedy", "model (export of soup_greedy)"]
     assert list(results) == rows
@@ -197,10 +197,16 @@ def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, ca
             == pytest.approx(results["soup_greedy"]["stdlib_code"]["main_score"], abs=1e-4))
     assert json.loads((run / "soup_uniform" / "soup.json").read_text())["kept"] == [
         str(run / "a" / "checkpoints" / "3"), str(run / "b" / "checkpoints" / "3")]
-    finished = {stage: (run / stage / "stage.json").stat().st_mtime_ns for stage in stages}
+    finished = {stage: (run / "stages" / f"{stage}.json").stat().st_mtime_ns for stage in stages}
     capsys.readouterr()
     assert cli.main(["run", f"--gin_file={corpus['root'] / 'recipe.gin'}", f"--workdir={run}"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == corpus["table"].strip()
     assert err.count("complete, skipped") == len(stages)
-    assert finished == {stage: (run / stage / "stage.json").stat().st_mtime_ns for stage in stages}
+    assert finished == {stage: (run / "stages" / f"{stage}.json").stat().st_mtime_ns for stage in stages}
+    changed = "--gin_param=Recipe.finetune_runs={'a': ['SEED=5'], 'b': ['SEED=1']}"
+    assert cli.main(["run", f"--gin_file={corpus['root'] / 'recipe.gin'}", f"--workdir={run}",
+                     changed]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]   # after the prefinetune "skipped"
+    assert line.startswith("gembed: error: ") and "another configuration" in line
+    assert str(run / "stages" / "a.json") in line and f"delete {run / 'a'}" in line
