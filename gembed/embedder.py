@@ -85,6 +85,16 @@ def recorded_max_length(workdir) -> int:
     return int(json.loads(path.read_text())["max_length"])
 
 
+def load_params(ref: checkpoint.CheckpointRef) -> tuple[ModelConfig, Any]:
+    """The model config (the workdir's model_config.json) and params of a resolved CKPT."""
+    config_dict = json.loads((ref.workdir / "model_config.json").read_text())
+    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in config_dict.items()})
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return model_config, checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+
+
 def load_checkpoint(path, max_length: int | None = None) -> Embedder:
     """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
 
@@ -93,12 +103,7 @@ def load_checkpoint(path, max_length: int | None = None) -> Embedder:
     task_prompts.json and embedder.json.
     """
     ref = checkpoint.resolve(path)
-    config_dict = json.loads((ref.workdir / "model_config.json").read_text())
-    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in config_dict.items()})
-    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
-    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+    model_config, params = load_params(ref)
     tokenizer = open_tokenizer(ref.workdir)
     prompts_file = ref.workdir / "task_prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}

@@ -29,7 +29,7 @@ import numpy as np
 
 from gembed import checkpoint
 from gembed.data.tokenizer_files import TOKENIZER_FILES
-from gembed.embedder import Embedder, load_checkpoint
+from gembed.embedder import load_checkpoint, load_params
 from gembed.errors import GembedUserError
 from gembed.model_folder import TRAINING_FIELDS, unflatten_params
 from gembed.train import EMBEDDER_FILE, TASK_PROMPTS_FILE
@@ -58,9 +58,9 @@ class Ingredients:
         if not checkpoints:
             raise GembedUserError("no CKPT given; name at least one checkpoint to soup.")
         self.refs = [checkpoint.resolve(path) for path in checkpoints]
-        self.first = load_checkpoint(self.refs[0].step_dir)
+        self.model_config, first_params = load_params(self.refs[0])
         self._reference = {name: _signature(value)
-                           for name, value in flat_params(self.first.params).items()}
+                           for name, value in flat_params(first_params).items()}
         self._check_tokenizers()
 
     def _check_tokenizers(self) -> None:
@@ -76,8 +76,8 @@ class Ingredients:
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The params of ingredient `index`, flat, after checking them against ingredient 0."""
         ref = self.refs[index]
-        embedder = self.first if index == 0 else load_checkpoint(ref.step_dir)
-        flat = flat_params(embedder.params)
+        model_config, params = load_params(ref)
+        flat = flat_params(params)
         for name in sorted(self._reference.keys() | flat.keys()):
             first, this = self._reference.get(name, "absent"), _signature(flat.get(name))
             if first != this:
@@ -85,9 +85,8 @@ class Ingredients:
                     f"{self.refs[0].step_dir} and {ref.step_dir}: param {name} is {first} in the "
                     f"first but {this} in the second; soup only runs of one architecture (the same "
                     f"model gin file).")
-        for field in dataclasses.fields(self.first.model_config):
-            a = getattr(self.first.model_config, field.name)
-            b = getattr(embedder.model_config, field.name)
+        for field in dataclasses.fields(self.model_config):
+            a, b = getattr(self.model_config, field.name), getattr(model_config, field.name)
             if field.name not in TRAINING_FIELDS and a != b:
                 raise GembedUserError(
                     f"{self.refs[0].workdir} and {ref.workdir}: model_config.json differs in "
@@ -119,13 +118,13 @@ class RunningSum:
 class Scorer:
     """The main score of one evaluation task for flat params, through one compiled Embedder."""
 
-    def __init__(self, first: Embedder, task: str, data_dir=None, batch_size: int = 64):
+    def __init__(self, first: checkpoint.CheckpointRef, task: str, data_dir=None,
+                 batch_size: int = 64):
         from gembed.evaluation import tasks
 
         self.task = tasks.parse_task_list([task])[0].name
         self.data_dir, self.batch_size = data_dir, batch_size
-        self.embedder = Embedder(first.model_config, first.params, first.tokenizer,
-                                 first.max_length, first.task_prompts)
+        self.embedder = load_checkpoint(first.step_dir)   # its tokenizer, prompts and max length
 
     def __call__(self, flat: dict[str, np.ndarray]) -> float:
         from gembed.evaluation import tasks
@@ -186,7 +185,7 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
         raise GembedUserError(f"{output}: already holds checkpoints; choose a new --output or "
                               f"delete that folder.")
     ingredients = Ingredients(checkpoints)
-    scorer = Scorer(ingredients.first, eval_task, data_dir, batch_size) if eval_task else None
+    scorer = Scorer(ingredients.refs[0], eval_task, data_dir, batch_size) if eval_task else None
     if method == "greedy":
         mean, scores, kept = greedy_soup(ingredients, scorer)
     else:
