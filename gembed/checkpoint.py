@@ -35,6 +35,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> No
         **{name: ocp.args.StandardSave(state[name]) for name in ITEMS}))
 
 
+def save_params(workdir: str | pathlib.Path, step: int, params: Any) -> CheckpointRef:
+    """Writes a params-only checkpoint DIR/checkpoints/<step>/params (e.g. a soup) and waits.
+
+    `resolve` and `restore_params` read it like any training checkpoint; it cannot be resumed.
+    """
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("params",)) as manager:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+    return CheckpointRef(pathlib.Path(workdir).resolve(), step)
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any]) -> dict:
     """Restores every item at `step` onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -85,6 +85,48 @@ def cmd_mine(args: argparse.Namespace) -> None:
           f"{args.num_negatives}")
 
 
+def cmd_soup(args: argparse.Namespace) -> None:
+    from gembed.soup import make_soup
+
+    record = make_soup(args.checkpoints, args.output, method=args.method, eval_task=args.eval_task,
+                       data_dir=args.data_dir, batch_size=args.batch_size)
+    score = f"; {args.eval_task} {record['score']:.2f}" if record["score"] is not None else ""
+    print(f"gembed: wrote {args.method} soup of {len(record['kept'])}/{len(record['ingredients'])} "
+          f"checkpoints to {args.output}{score}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gembed.export import export
+
+    path = export(args.checkpoint, args.output, max_length=args.max_length,
+                  weights_dtype=args.dtype)
+    print(f"gembed: wrote model folder {path}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from gembed.text_input import read_texts
+
+    texts = read_texts(args.input)
+    from gembed import load
+
+    model = load(args.model)
+    if args.dim is not None and not 0 < args.dim <= model.embedding_size:
+        raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into "
+                              f"{model.embedding_size} dims; pick 1..{model.embedding_size}.")
+    embeddings = model.encode(texts, task=args.task, dim=args.dim, batch_size=args.batch_size,
+                              show_progress=sys.stderr.isatty())
+    np.save(args.output, embeddings.astype(np.float32))
+    print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from gembed.recipe import run_recipe
+
+    print(run_recipe(args.gin_file, args.gin_param, args.workdir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -146,6 +188,53 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--max_length", type=int, default=128, help="tokens per text")
     mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     mine.set_defaults(run=cmd_mine)
+
+    soup = commands.add_parser(
+        "soup", help="average the params of checkpoints (model soup)",
+        description="Uniform: the mean of every CKPT's params. Greedy: CKPTs sorted by their "
+                    "--eval_task score, each added while the soup's score does not drop. Writes a "
+                    "CKPT that train (INIT_FROM) and export accept, and DIR/soup.json.")
+    soup.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                      help="a training workdir (latest step), a step folder, or a soup")
+    soup.add_argument("--output", required=True, help="the soup folder to write (new)")
+    soup.add_argument("--method", choices=("uniform", "greedy"), default="uniform")
+    soup.add_argument("--eval_task", help="held-out task deciding the greedy soup (e.g. "
+                      "stdlib_code); with uniform, only scored")
+    soup.add_argument("--data_dir", help="folder holding the public evaluation sets")
+    soup.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
+    soup.set_defaults(run=cmd_soup)
+
+    export = commands.add_parser("export", help="write a model folder from a checkpoint")
+    export.add_argument("--checkpoint", required=True,
+                        help="a training workdir (latest step), a step folder, or a soup")
+    export.add_argument("--output", required=True, help="the model folder to write")
+    export.add_argument("--max_length", type=int,
+                        help="tokens per text (default: the MAX_LENGTH the run trained with)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights dtype in model.safetensors (read back as float32)")
+    export.set_defaults(run=cmd_export)
+
+    encode = commands.add_parser("encode", help="embed the texts of a file into a .npy")
+    encode.add_argument("--model", required=True, help="a model folder")
+    encode.add_argument("--input", required=True,
+                        help="one text per line, or a .jsonl file of objects with a \"text\" field")
+    encode.add_argument("--output", required=True, help="the .npy to write: float32 [N, dim]")
+    encode.add_argument("--task", help="prepend this task's prompt (query side)")
+    encode.add_argument("--dim", type=int, help="keep the first DIM coordinates (Matryoshka)")
+    encode.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
+    encode.set_defaults(run=cmd_encode)
+
+    run = commands.add_parser(
+        "run", help="the whole recipe: pre-finetune, finetune runs, soups, export, eval",
+        description="Runs the stages of a recipe gin file (a gembed.recipe.Recipe) in DIR/<stage>/, "
+                    "skipping stages already complete, and prints the results table.")
+    run.add_argument("--gin_file", required=True,
+                     help="the recipe, e.g. experiments/recipes/quickstart.gin")
+    run.add_argument("--gin_param", action="append", default=[],
+                     help="a binding NAME=VALUE applied after the recipe, e.g. "
+                          "INIT_FROM='models/minilm' (repeatable)")
+    run.add_argument("--workdir", required=True, help="where every stage's folder goes")
+    run.set_defaults(run=cmd_run)
     return parser
 
 

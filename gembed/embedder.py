@@ -6,7 +6,7 @@ are padded to `batch_size` rows, so only a handful of shapes is ever compiled ho
 from __future__ import annotations
 
 import json
-
+import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +17,7 @@ import tqdm
 from gembed import checkpoint
 from gembed.data.batching import bucket_length
 from gembed.data.tokenizer_files import open_tokenizer
+from gembed.errors import GembedUserError
 from gembed.evaluation.mteb_adapter import MtebEncoderMixin
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 
@@ -73,26 +74,44 @@ class Embedder(MtebEncoderMixin):
         return output / np.maximum(norms, 1e-12)
 
 
-def load_checkpoint(path, max_length: int = 128) -> Embedder:
-    """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
+def recorded_max_length(workdir) -> int:
+    """The max length (tokens per text) a training workdir recorded in its embedder.json."""
+    from gembed.train import EMBEDDER_FILE
 
-    The params come from the checkpoint; the model config, tokenizer and task prompts from the
-    workdir's model_config.json, tokenizer files and task_prompts.json.
-    """
-    ref = checkpoint.resolve(path)
+    path = pathlib.Path(workdir) / EMBEDDER_FILE
+    if not path.is_file():
+        raise GembedUserError(f"{path}: missing (a run older than this gembed version); "
+                              f"pass --max_length, the MAX_LENGTH the run trained with.")
+    return int(json.loads(path.read_text())["max_length"])
+
+
+def load_params(ref: checkpoint.CheckpointRef) -> tuple[ModelConfig, Any]:
+    """The model config (the workdir's model_config.json) and params of a resolved CKPT."""
     config_dict = json.loads((ref.workdir / "model_config.json").read_text())
     model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                   for k, v in config_dict.items()})
     abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+    return model_config, checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+
+
+def load_checkpoint(path, max_length: int | None = None) -> Embedder:
+    """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
+
+    The params come from the checkpoint; the model config, tokenizer, task prompts and (unless
+    `max_length` is given) the max length from the workdir's model_config.json, tokenizer files,
+    task_prompts.json and embedder.json.
+    """
+    ref = checkpoint.resolve(path)
+    model_config, params = load_params(ref)
     tokenizer = open_tokenizer(ref.workdir)
     prompts_file = ref.workdir / "task_prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
+    max_length = max_length or recorded_max_length(ref.workdir)
     return Embedder(model_config, params, tokenizer, max_length, task_prompts=prompts)
 
 
-def load_embedder(path, max_length: int = 128) -> Embedder:
+def load_embedder(path, max_length: int | None = None) -> Embedder:
     """An Embedder from a model folder (`gembed.load`) or a training CKPT (`load_checkpoint`)."""
     from gembed import load, model_folder
 

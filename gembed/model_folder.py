@@ -2,11 +2,13 @@
 
     gembed_config.json   format_version, the ModelConfig fields, output sizes, task prompts,
                          max length, tokenizer kind + files, source info
-    model.safetensors    float32 params under their "/"-joined pytree names (e.g.
-                         encoder/layer_0/attention/query/kernel, log_scale)
+    model.safetensors    params under their "/"-joined pytree names (e.g.
+                         encoder/layer_0/attention/query/kernel, log_scale), float32 or bfloat16
+                         (`weights_dtype`); read back as float32
     tokenizer files      tokenizer.model (SentencePiece) or tokenizer.json + tokenizer_config.json
 
-No pickle: weights go through `safetensors.numpy`, everything else is JSON. gembed_config.json is
+No pickle: weights go through safetensors (read with its flax backend, which knows bfloat16),
+everything else is JSON. gembed_config.json is
 written last, so a folder is complete once it exists.
 """
 from __future__ import annotations
@@ -18,7 +20,10 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.flax
 import safetensors.numpy
 
 from gembed.data.tokenizer_files import TOKENIZER_FILES, open_tokenizer, save_tokenizer
@@ -30,6 +35,7 @@ CONFIG_FILE = "gembed_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAKE_ONE = "create it with `gembed import` or `gembed export`"
 TRAINING_FIELDS = ("dtype", "dropout_rate", "output_sizes")  # a finetuning stage may choose these
+WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,24 +83,34 @@ def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
 
 def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, params: Any, tokenizer,
                        max_length: int, task_prompts: dict[str, str] | None = None,
-                       source: dict[str, Any] | None = None) -> pathlib.Path:
+                       source: dict[str, Any] | None = None,
+                       weights_dtype: str = "float32") -> pathlib.Path:
     """Writes a model folder at `path` (created; existing files replaced) and returns its path.
 
     `params`: the EmbeddingModel params (any arrays); `tokenizer`: a SentencePieceTokenizer or
-    HuggingFaceTokenizer whose files are copied; `source`: free-form provenance (JSON-able).
+    HuggingFaceTokenizer whose files are copied; `source`: free-form provenance (JSON-able);
+    `weights_dtype`: "float32", or "bfloat16" for half-size weights (rounded to nearest).
     """
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise GembedUserError(f"weights dtype {weights_dtype!r} is not one of {WEIGHTS_DTYPES}; "
+                              f"pick one of those.")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     check_params(model_config, params, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).unlink(missing_ok=True)
-    safetensors.numpy.save_file(flatten_params(params), str(path / WEIGHTS_FILE),
-                                metadata={"format": "gembed"})
+    flat = flatten_params(params)
+    if weights_dtype == "bfloat16":
+        safetensors.flax.save_file({name: jnp.asarray(value, jnp.bfloat16) for name, value in flat.items()},
+                                   str(path / WEIGHTS_FILE), metadata={"format": "gembed"})
+    else:
+        safetensors.numpy.save_file(flat, str(path / WEIGHTS_FILE), metadata={"format": "gembed"})
     save_tokenizer(tokenizer, path)
     config = {
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model_config),
         "output_sizes": list(model_config.output_sizes or (model_config.embedding_size,)),
         "max_length": max_length,
+        "weights_dtype": weights_dtype,
         "task_prompts": dict(task_prompts or {}),
         "tokenizer": {"kind": tokenizer.kind, "files": list(TOKENIZER_FILES[tokenizer.kind])},
         "source": dict(source or {}),
@@ -169,6 +185,12 @@ def finetune_model_config(folder_config: ModelConfig, bindings: dict[str, Any],
         folder_config, **{field: bindings[field] for field in TRAINING_FIELDS if field in bindings})
 
 
+def read_weights(weights_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """{"/"-joined name: float32 array} of a safetensors file (float32 or bfloat16 tensors)."""
+    with safetensors.safe_open(str(weights_path), framework="flax") as weights:
+        return {name: np.asarray(weights.get_tensor(name), np.float32) for name in weights.keys()}
+
+
 def read_model_folder(path: str | os.PathLike) -> ModelFolder:
     """Reads and checks a model folder (config, weights against the config, tokenizer)."""
     path = pathlib.Path(path).resolve()
@@ -185,7 +207,7 @@ def read_model_folder(path: str | os.PathLike) -> ModelFolder:
     if not weights_path.is_file():
         raise GembedUserError(f"{weights_path}: weights file missing; {MAKE_ONE} again.")
     try:
-        flat = safetensors.numpy.load_file(str(weights_path))
+        flat = read_weights(weights_path)
     except (OSError, safetensors.SafetensorError) as e:
         raise GembedUserError(
             f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]}); "

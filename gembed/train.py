@@ -36,6 +36,7 @@ from gembed.objective import batch_loss
 
 
 TASK_PROMPTS_FILE = "task_prompts.json"   # {dataset name: query prompt}, for the Embedder
+EMBEDDER_FILE = "embedder.json"           # {"max_length": TrainConfig.max_length}, for the Embedder
 TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
 
 
@@ -187,6 +188,7 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
         prompts = {d.spec.name: d.spec.query_prompt for d in datasets if d.spec.query_prompt}
         (workdir / TASK_PROMPTS_FILE).write_text(json.dumps(prompts, indent=1))
+        (workdir / EMBEDDER_FILE).write_text(json.dumps({"max_length": config.max_length}))
     step_fn = jax.jit(
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
                           optimizer=optimizer, schedule=schedule, chunk_size=config.chunk_size,

@@ -1,0 +1,42 @@
+"""The input of `gembed encode`: one text per line, or (a `.jsonl` file) JSON objects with `text`.
+
+Row i of the output is line i of the file; an empty text, invalid UTF-8 or a malformed JSON line
+stops with the file and line named.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from gembed.errors import GembedUserError
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of FILE, in order."""
+    path = pathlib.Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise GembedUserError(f"{path}: no such file; check --input.") from None
+    except UnicodeDecodeError as e:
+        raise GembedUserError(f"{path}: not UTF-8 ({e}); re-encode the file as UTF-8.") from None
+    jsonl = path.suffix == ".jsonl"
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        text = line
+        if jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GembedUserError(f"{path}:{number}: invalid JSON ({e}); fix the line.") from None
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise GembedUserError(f"{path}:{number}: expected an object with a string "
+                                      f"\"text\" field; fix the line.")
+        if not text.strip():
+            raise GembedUserError(f"{path}:{number}: empty text; remove the line.")
+        texts.append(text)
+    if not texts:
+        raise GembedUserError(f"{path}: no texts; give one text per line (or JSONL with \"text\").")
+    return texts

@@ -1,0 +1,212 @@
+"""`gembed run`, `gembed soup`, `gembed export` and `gembed encode` on tiny trained checkpoints.
+
+One miniature recipe run (model/tiny.gin: a 2-step prefinetune, two 3-step finetunes with seeds 0
+and 1 sharing one tokenizer) is checked itself and gives the ingredients of every other test;
+soups and exports are checked against NumPy reads of the checkpoints' params.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+import gembed
+from gembed import checkpoint, cli
+from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.embedder import load_checkpoint
+from gembed.model import init_params
+from gembed.model_folder import model_config_from_dict, read_weights
+from gembed.soup import flat_params
+
+TEXTS = ["Return the sum of a and b.", "def add(a, b): return a + b",
+         "Open a file for reading.", "x", "Split a string on whitespace and strip each part."]
+
+
+RECIPE = """
+Recipe.model_gin_files = ['model/tiny.gin']
+Recipe.prefinetune_gin_files = ['prefinetune.gin']
+Recipe.prefinetune_params = {prefinetune}
+Recipe.finetune_gin_files = ['finetune.gin']
+Recipe.finetune_params = {finetune}
+Recipe.finetune_runs = {{'a': ['SEED=0'], 'b': ['SEED=1']}}
+Recipe.soup_method = 'greedy'
+Recipe.soup_task = 'stdlib_code'
+Recipe.eval_tasks = ['stdlib_code']
+"""
+
+
+def stage_params(corpus) -> list[str]:
+    return [f"TRAIN_DATA='{corpus['pairs']}'", "MAX_LENGTH=16", "CHECKPOINT_EVERY=3",
+            "LOG_EVERY=1", "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=1",
+            f"TrainConfig.tokenizer='{corpus['tokenizer']}'"]
+
+
+def train_args(corpus, workdir, *extra_params):
+    params = [*stage_params(corpus), "TRAIN_STEPS=3", "BATCH_SIZE=8", *extra_params]
+    return (["train", "--gin_file=model/tiny.gin", "--gin_file=prefinetune.gin",
+             f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A miniature `gembed run` on 200 stdlib pairs: its finetune runs A (seed 0) and B (seed 1)
+    are the ingredients of the other tests; C: A's workdir with a params-only checkpoint of
+    another ModelConfig (mlp_dim 128)."""
+    root = tmp_path_factory.mktemp("soup")
+    pairs = load_builtin("stdlib_code", "train")[:200]
+    write_jsonl(root / "pairs.jsonl", pairs)
+    train_sentencepiece([t for e in pairs for t in (e.query, e.positive)], 1000, root / "sp.model")
+    corpus = {"root": root, "pairs": root / "pairs.jsonl", "tokenizer": root / "sp.model"}
+    (root / "recipe.gin").write_text(RECIPE.format(
+        prefinetune=stage_params(corpus) + ["TRAIN_STEPS=2", "BATCH_SIZE=16"],
+        finetune=stage_params(corpus) + ["TRAIN_STEPS=3", "BATCH_SIZE=8", "LEARNING_RATE=1e-3"]))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["run", f"--gin_file={root / 'recipe.gin'}", f"--workdir={root / 'run'}"]) == 0
+    corpus["table"] = stdout.getvalue()
+    corpus["a"], corpus["b"] = root / "run" / "a", root / "run" / "b"
+    corpus["c"] = root / "c"
+    corpus["c"].mkdir()
+    for item in ("tokenizer.model", "task_prompts.json", "embedder.json"):
+        shutil.copyfile(corpus["a"] / item, corpus["c"] / item)
+    fields = {**json.loads((corpus["a"] / "model_config.json").read_text()), "mlp_dim": 128}
+    (corpus["c"] / "model_config.json").write_text(json.dumps(fields))
+    checkpoint.save_params(corpus["c"], 3, init_params(model_config_from_dict(fields),
+                                                       jax.random.PRNGKey(0)))
+    return corpus
+
+
+def checkpoint_params(workdir) -> dict[str, np.ndarray]:
+    return flat_params(load_checkpoint(workdir).params)
+
+
+def error_line(capsys, args) -> str:
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gembed: error: "), lines
+    return lines[0]
+
+
+def test_soup_of_two_is_their_mean_and_of_one_is_itself(corpus, tmp_path):
+    a, b = checkpoint_params(corpus["a"]), checkpoint_params(corpus["b"])
+    assert cli.main(["soup", f"--output={tmp_path / 'ab'}", str(corpus["a"]),
+                     str(corpus["b"] / "checkpoints" / "3")]) == 0
+    assert cli.main(["export", f"--checkpoint={tmp_path / 'ab'}", f"--output={tmp_path / 'ab_model'}"]) == 0
+    exported = read_weights(tmp_path / "ab_model" / "model.safetensors")
+    assert exported.keys() == a.keys() and "log_scale" in exported
+    for name in a:   # the float64 mean, rounded once to float32
+        expected = ((a[name].astype(np.float64) + b[name]) / 2).astype(np.float32)
+        np.testing.assert_array_equal(exported[name], expected)
+    assert not np.allclose(a["log_scale"], b["log_scale"])   # the temperature is souped too
+
+    assert cli.main(["soup", f"--output={tmp_path / 'a'}", str(corpus["a"])]) == 0
+    single = checkpoint_params(tmp_path / "a")
+    assert all(np.array_equal(single[n], a[n]) for n in a)
+    record = json.loads((tmp_path / "ab" / "soup.json").read_text())
+    assert record["method"] == "uniform" and len(record["kept"]) == 2
+
+
+def test_soup_is_a_checkpoint_train_inits_from(corpus, tmp_path):
+    assert cli.main(["soup", f"--output={tmp_path / 'ab'}", str(corpus["a"]), str(corpus["b"])]) == 0
+    assert cli.main(train_args(corpus, tmp_path / "ft", "TRAIN_STEPS=1",
+                               f"INIT_FROM='{tmp_path / 'ab'}'")) == 0
+    gin.clear_config()
+    assert (tmp_path / "ft" / "tokenizer.model").read_bytes() == corpus["tokenizer"].read_bytes()
+
+
+def test_greedy_soup_keeps_the_best_ingredient_first(corpus, tmp_path):
+    assert cli.main(["soup", f"--output={tmp_path / 'g'}", "--method=greedy",
+                     "--eval_task=stdlib_code", str(corpus["a"]), str(corpus["b"])]) == 0
+    record = json.loads((tmp_path / "g" / "soup.json").read_text())
+    scores = {i["checkpoint"]: i["score"] for i in record["ingredients"]}
+    assert record["kept"][0] == max(scores, key=scores.get)
+    assert record["score"] >= max(scores.values())
+
+
+def test_mismatched_soups_exit_2_naming_param_or_tokenizer(corpus, tmp_path, capsys):
+    line = error_line(capsys, ["soup", f"--output={tmp_path / 'ac'}", str(corpus["a"]),
+                               str(corpus["c"])])
+    assert "mlp" in line and str(corpus["a"]) in line and str(corpus["c"]) in line
+    other = tmp_path / "other_tokenizer"
+    other.mkdir()
+    for item in corpus["b"].iterdir():
+        (other / item.name).symlink_to(item)
+    (other / "tokenizer.model").unlink()
+    (other / "tokenizer.model").write_bytes(corpus["tokenizer"].read_bytes() + b"x")
+    line = error_line(capsys, ["soup", f"--output={tmp_path / 'ax'}", str(corpus["a"]), str(other)])
+    assert "tokenizer" in line and str(other) in line
+
+
+def test_export_embeds_like_the_training_encoder_in_float32_and_bfloat16(corpus, tmp_path):
+    reference = load_checkpoint(corpus["a"]).encode(TEXTS)
+    assert cli.main(["export", f"--checkpoint={corpus['a']}", f"--output={tmp_path / 'f32'}"]) == 0
+    model = gembed.load(tmp_path / "f32")
+    assert model.max_length == 16
+    np.testing.assert_allclose(model.encode(TEXTS), reference, atol=1e-6, rtol=0)
+    assert cli.main(["export", f"--checkpoint={corpus['a']}", f"--output={tmp_path / 'bf16'}",
+                     "--dtype=bfloat16"]) == 0
+    half = gembed.load(tmp_path / "bf16")
+    weights = read_weights(tmp_path / "bf16" / "model.safetensors")
+    full = checkpoint_params(corpus["a"])
+    for name, value in weights.items():   # bfloat16 keeps 8 significant bits
+        np.testing.assert_allclose(value, full[name], rtol=2 ** -8, atol=0)
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "f32" / "model.safetensors").stat().st_size
+    np.testing.assert_allclose(half.encode(TEXTS), reference, atol=0.02, rtol=0)
+    assert cli.main(["export", f"--checkpoint={corpus['a']}", f"--output={tmp_path / 'long'}",
+                     "--max_length=32"]) == 0
+    assert gembed.load(tmp_path / "long").max_length == 32
+
+
+def test_encode_writes_the_embeddings_of_each_line(corpus, tmp_path):
+    assert cli.main(["export", f"--checkpoint={corpus['a']}", f"--output={tmp_path / 'm'}"]) == 0
+    model = gembed.load(tmp_path / "m")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert cli.main(["encode", f"--model={tmp_path / 'm'}", f"--input={tmp_path / 'texts.txt'}",
+                     f"--output={tmp_path / 'full.npy'}"]) == 0
+    full = np.load(tmp_path / "full.npy")
+    assert full.shape == (len(TEXTS), 64) and full.dtype == np.float32
+    np.testing.assert_array_equal(full, model.encode(TEXTS))
+    assert cli.main(["encode", f"--model={tmp_path / 'm'}", f"--input={tmp_path / 'texts.jsonl'}",
+                     f"--output={tmp_path / 'short.npy'}", "--dim=32"]) == 0
+    short = np.load(tmp_path / "short.npy")
+    prefix = full[:, :32]
+    expected = prefix / np.linalg.norm(prefix, axis=1, keepdims=True)
+    assert short.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(short, expected, atol=1e-6)
+
+
+def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, capsys):
+    run = corpus["root"] / "run"
+    stages = ["prefinetune", "a", "b", "soup_uniform", "soup_greedy", "model", "eval"]
+    assert all((run / "stages" / f"{stage}.json").is_file() for stage in stages)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    rows = ["a", "b", "soup_uniform", "soup_greedy", "model (export of soup_greedy)"]
+    assert list(results) == rows
+    for row in rows:
+        assert f"{results[row]['stdlib_code']['main_score']:.2f}" in corpus["table"]
+    assert (results["model (export of soup_greedy)"]["stdlib_code"]["main_score"]
+            == pytest.approx(results["soup_greedy"]["stdlib_code"]["main_score"], abs=1e-4))
+    assert json.loads((run / "soup_uniform" / "soup.json").read_text())["kept"] == [
+        str(run / "a" / "checkpoints" / "3"), str(run / "b" / "checkpoints" / "3")]
+    finished = {stage: (run / "stages" / f"{stage}.json").stat().st_mtime_ns for stage in stages}
+    capsys.readouterr()
+    assert cli.main(["run", f"--gin_file={corpus['root'] / 'recipe.gin'}", f"--workdir={run}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == corpus["table"].strip()
+    assert err.count("complete, skipped") == len(stages)
+    assert finished == {stage: (run / "stages" / f"{stage}.json").stat().st_mtime_ns for stage in stages}
+    changed = "--gin_param=Recipe.finetune_runs={'a': ['SEED=5'], 'b': ['SEED=1']}"
+    assert cli.main(["run", f"--gin_file={corpus['root'] / 'recipe.gin'}", f"--workdir={run}",
+                     changed]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]   # after the prefinetune "skipped"
+    assert line.startswith("gembed: error: ") and "another configuration" in line
+    assert str(run / "stages" / "a.json") in line and f"delete {run / 'a'}" in line
