@@ -7,6 +7,7 @@ Everywhere a CKPT is asked for, a training workdir (its latest step) or one step
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -16,6 +17,18 @@ import orbax.checkpoint as ocp
 from gembed.errors import GembedUserError
 
 ITEMS = ("params", "opt_state", "loop")
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notices that a manager opened read-only (on purpose, to read) will not save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                    or message.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:

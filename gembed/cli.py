@@ -6,6 +6,8 @@ Exit status: 0 success; 2 a user error, reported as one `gembed: error: ...` lin
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -20,14 +22,19 @@ class _Parser(argparse.ArgumentParser):
         raise GembedUserError(f"{message}; see `{self.prog} --help`.")
 
 
+def _on_cloud_tpu_vm() -> bool:
+    """libtpu installed and TPU chips attached (/dev/accel*, or /dev/vfio/N on v5e and newer)."""
+    return (importlib.util.find_spec("libtpu") is not None
+            and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
 def _initialize_distributed(args: argparse.Namespace) -> None:
     """jax.distributed from the flags, or auto-detected on SLURM and TPU pods; single host otherwise."""
     import jax
 
     explicit = args.coordinator_address is not None
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not (explicit or slurm or tpu_pod):
+    if not (explicit or slurm or _on_cloud_tpu_vm()):
         return
     if explicit and (args.num_processes is None or args.process_id is None):
         raise GembedUserError("--coordinator_address needs --num_processes and --process_id too.")

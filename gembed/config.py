@@ -20,6 +20,7 @@ from gembed.data.mixture import DatasetSpec
 from gembed import model_folder
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
+from gembed.sharding import ShardingConfig
 
 REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
@@ -145,6 +146,7 @@ class StageConfig:
     model: ModelConfig
     loss: LossConfig
     evaluation: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
 
 
 def _resolve_gin_file(name: str) -> str:
@@ -222,7 +224,8 @@ def build_stage_config() -> StageConfig:
         model = model_folder.finetune_model_config(
             model_folder.read_model_config(train.init_from), gin.get_bindings(ModelConfig),
             train.init_from)
-    return StageConfig(train=train, model=model, loss=LossConfig(), evaluation=EvalConfig())
+    return StageConfig(train=train, model=model, loss=LossConfig(), evaluation=EvalConfig(),
+                       sharding=ShardingConfig())
 
 
 def write_operative_config(path: os.PathLike) -> None:

@@ -27,13 +27,14 @@ from gembed.objective import embed_slots, embeddings_loss
 from gembed.sharding import DATA_AXIS
 
 
-def check_chunk_size(batch_size: int, chunk_size: int, num_devices: int) -> None:
-    """Each device's rows of the global batch must split into whole chunks."""
-    per_device = batch_size // num_devices
-    if per_device % chunk_size:
+def check_chunk_size(batch_size: int, chunk_size: int, num_shards: int) -> None:
+    """Each data-parallel shard's rows of the global batch must split into whole chunks."""
+    per_shard = batch_size // num_shards
+    if per_shard % chunk_size:
         raise GembedUserError(
-            f"CHUNK_SIZE={chunk_size} does not divide the {per_device} examples per device "
-            f"(BATCH_SIZE={batch_size} over {num_devices} devices); use a divisor of {per_device}.")
+            f"CHUNK_SIZE={chunk_size} does not divide the {per_shard} examples per device "
+            f"(BATCH_SIZE={batch_size} over {num_shards} data-parallel devices); use a divisor "
+            f"of {per_shard}.")
 
 
 def cached_value_and_grad(params, batch, rng, *, model_config: ModelConfig,
@@ -41,7 +42,7 @@ def cached_value_and_grad(params, batch, rng, *, model_config: ModelConfig,
     """((loss, metrics), grads) equal to `jax.value_and_grad(objective.batch_loss)` on the batch.
 
     Args:
-      params: the EmbeddingModel params, replicated.
+      params: the EmbeddingModel params (any sharding; gathered whole per "data" shard).
       batch: the global batch (`TrainBatches` fields), leading axis B sharded over "data".
       rng: the step's key.
       chunk_size: examples (rows of S slots) each device embeds at a time; divides B / devices.
@@ -64,8 +65,12 @@ def cached_value_and_grad(params, batch, rng, *, model_config: ModelConfig,
 
 
 def _on_each_device(fn, mesh: Mesh, out_specs):
-    """fn(params, per-row arrays, rng) run per device on its rows; params and rng replicated."""
-    return jax.shard_map(fn, mesh=mesh, out_specs=out_specs,
+    """fn(params, per-row arrays, rng) run per "data" shard on its rows; params and rng whole.
+
+    Only "data" is manual: sharded params are gathered over it on entry, and XLA keeps laying out
+    work over the "model" axis (tensor parallelism) inside.
+    """
+    return jax.shard_map(fn, mesh=mesh, out_specs=out_specs, axis_names=frozenset({DATA_AXIS}),
                          in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS), PartitionSpec()))
 
 

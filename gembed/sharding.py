@@ -1,12 +1,20 @@
 """Where arrays live: the device mesh and the named shardings of state and batches.
 
-All placement decisions are made here. Training is data parallel over a 1-D mesh axis "data" that
-spans every device of every host: batches are split along their leading axis, parameters and
-optimizer state are replicated. Because the loss is computed under `jit` on the globally sharded
-embeddings, in-batch negatives span the whole global batch.
+All placement decisions are made here. The mesh has two axes over every device of every host:
+"data" (batches split along their leading axis; in-batch negatives span the whole global batch
+because the loss is computed under `jit` on the globally sharded embeddings) and "model"
+(`ShardingConfig.model_parallelism` devices, 1 by default). Parameters and optimizer state are
+replicated unless `ShardingConfig.param_rules` shard them: regex rules over "/"-joined leaf names
+give FSDP (a weight dimension split over "data") and tensor parallelism (over "model").
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from typing import Any
+
+import gin
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -14,11 +22,100 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from gembed.errors import GembedUserError
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+AXES = (DATA_AXIS, MODEL_AXIS)
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes, axis name "data" (sharding left to XLA)."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """How the train state is laid out over the mesh (experiments/configs/sharding/fsdp.gin).
+
+    `param_rules`: `(regex, spec)` pairs; the first regex found (`re.search`) in a leaf's
+    "/"-joined name gives its PartitionSpec entries, one per dimension: None, "data", "model" or a
+    tuple of both. Leaves no rule matches are replicated. Optimizer-state leaves end with the name of
+    the param they track (".../mu/encoder/layer_0/mlp/up/kernel"), so one rule covers both.
+    """
+
+    model_parallelism: int = 1      # devices along the "model" axis; "data" takes the rest
+    param_rules: tuple[tuple[str, tuple], ...] = ()   # () = pure data parallel
+
+    def __post_init__(self):
+        rules = tuple((pattern, tuple(spec)) for pattern, spec in self.param_rules)
+        object.__setattr__(self, "param_rules", rules)
+        if self.model_parallelism < 1:
+            raise GembedUserError(f"ShardingConfig.model_parallelism={self.model_parallelism} must "
+                                  f"be >= 1; fix the binding.")
+        for pattern, spec in rules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise GembedUserError(f"ShardingConfig.param_rules: {pattern!r} is not a valid "
+                                      f"regex ({e}); fix the rule.") from None
+            for entry in spec:
+                names = entry if isinstance(entry, tuple) else (entry,)
+                if any(name is not None and name not in AXES for name in names):
+                    raise GembedUserError(
+                        f"ShardingConfig.param_rules: rule {pattern!r} has spec {spec!r}; entries "
+                        f"must be None, {AXES[0]!r}, {AXES[1]!r} or a tuple of them.")
+
+
+def make_mesh(model_parallelism: int = 1) -> Mesh:
+    """A ("data", "model") mesh over all devices of all processes (sharding left to XLA)."""
+    devices = jax.device_count()
+    if devices % model_parallelism:
+        raise GembedUserError(
+            f"ShardingConfig.model_parallelism={model_parallelism} does not divide the "
+            f"{devices} devices; use a divisor of {devices}.")
+    return jax.make_mesh((devices // model_parallelism, model_parallelism), AXES,
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def leaf_name(path) -> str:
+    """The "/"-joined name of a pytree leaf from its key path (dict keys, attributes, indices)."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+                    for key in path)
+
+
+def leaf_spec(name: str, shape: tuple[int, ...], rules, axis_sizes: dict[str, int]) -> PartitionSpec:
+    """The PartitionSpec the first matching rule gives a leaf, checked against its shape."""
+    for pattern, spec in rules:
+        if not re.search(pattern, name):
+            continue
+        if len(spec) > len(shape):
+            raise GembedUserError(
+                f"ShardingConfig.param_rules: rule {pattern!r} gives {len(spec)} dimensions to "
+                f"{name} of shape {shape}; make the rule match only rank-{len(spec)} leaves.")
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            parts = math.prod(axis_sizes[n] for n in names if n is not None)
+            if size % parts:
+                raise GembedUserError(
+                    f"ShardingConfig.param_rules: rule {pattern!r} splits dimension {dim} of {name} "
+                    f"(shape {shape}) into {parts} parts; change the rule or the mesh.")
+        return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def tree_specs(tree: Any, rules, axis_sizes: dict[str, int]) -> Any:
+    """PartitionSpecs for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf_spec(leaf_name(path), leaf.shape, rules, axis_sizes), tree)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for every leaf of `tree` on `mesh` by `rules`."""
+    specs = tree_specs(tree, rules, dict(mesh.shape))
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) placed as global arrays with `shardings`."""
+    def place(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree.map(place, tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -26,17 +123,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Leading (example) axis split over "data"; trailing axes whole."""
+    """Leading (example) axis split over "data"; trailing axes whole (and whole on "model")."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def check_global_batch(batch_size: int, mesh: Mesh) -> None:
-    """The global batch must split evenly over devices (and hence over hosts)."""
-    devices = mesh.devices.size
-    if batch_size % devices:
+    """The global batch must split evenly over the data axis and over hosts."""
+    parts = mesh.shape[DATA_AXIS]
+    if batch_size % parts or batch_size % jax.process_count():
+        parts = math.lcm(parts, jax.process_count())
         raise GembedUserError(
-            f"BATCH_SIZE={batch_size} does not divide over {devices} devices; "
-            f"use a multiple of {devices}.")
+            f"BATCH_SIZE={batch_size} does not divide over {parts} data-parallel shards; "
+            f"use a multiple of {parts}.")
 
 
 def host_slice(batch_size: int) -> slice:

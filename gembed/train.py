@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 
 from gembed import checkpoint, gradcache, model_folder, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
@@ -119,25 +120,31 @@ def init_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
                       opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
 
 
-def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, mesh) -> TrainState:
+def state_shardings(stage: StageConfig, optimizer, mesh) -> TrainState:
+    """The NamedSharding of every TrainState leaf, by `stage.sharding.param_rules`."""
+    abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer, stage.train.seed))
+    return sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
+
+
+def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, shardings) -> TrainState:
     """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
 
     `init_ref`: a checkpoint (CheckpointRef), a read model folder (ModelFolder), or None.
+    `shardings`: the TrainState of NamedShardings every leaf is placed with.
     """
-    replicated = sharding.replicated(mesh)
     make = functools.partial(init_state, stage.model, optimizer, stage.train.seed)
-    abstract = jax.eval_shape(make)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(make), shardings)
     latest = manager.latest_step()
     if latest is not None:
-        items = checkpoint.restore(manager, latest, checkpoint.abstract_like(abstract.items(), replicated))
-        return TrainState.from_items(items)
-    state = jax.jit(make, out_shardings=replicated)()
+        return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()))
+    state = jax.jit(make, out_shardings=shardings)()
     if init_ref is not None:
-        params = (jax.device_put(init_ref.params, replicated)
+        params = (sharding.put(init_ref.params, shardings.params)
                   if isinstance(init_ref, model_folder.ModelFolder) else
-                  checkpoint.restore_params(init_ref, checkpoint.abstract_like(abstract.params, replicated)))
-        state = dataclasses.replace(state, params=params,
-                                    opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))
+                  checkpoint.restore_params(init_ref, abstract.params))
+        state = dataclasses.replace(state, params=params, opt_state=jax.jit(
+            optimizer.init, out_shardings=shardings.opt_state)(params))
     return state
 
 
@@ -146,10 +153,11 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     workdir = pathlib.Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = stage.train
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(stage.sharding.model_parallelism)
     sharding.check_global_batch(config.batch_size, mesh)
     if config.chunk_size is not None:
-        gradcache.check_chunk_size(config.batch_size, config.chunk_size, mesh.devices.size)
+        gradcache.check_chunk_size(config.batch_size, config.chunk_size,
+                                   mesh.shape[sharding.DATA_AXIS])
     skipped = SkippedLines() if config.skip_bad_examples else None
     datasets = load_datasets(config.dataset_specs, "train", max_text_chars=config.max_text_chars,
                              skipped=skipped)
@@ -165,10 +173,15 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
                     else checkpoint.resolve(config.init_from, role="INIT_FROM"))
     tokenizer_sample = [example for dataset in datasets
                         for example in dataset.examples[:TOKENIZER_EXAMPLES // len(datasets)]]
-    tokenizer = prepare_tokenizer(
-        workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size,
+    prepare = functools.partial(
+        prepare_tokenizer, workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size,
         examples=tokenizer_sample,
         init_from_dir=getattr(init_ref, "workdir", getattr(init_ref, "path", None)))
+    if jax.process_count() > 1:   # process 0 writes the workdir's tokenizer; the others read it
+        if jax.process_index() == 0:
+            prepare()
+        multihost_utils.sync_global_devices("gembed: workdir tokenizer written")
+    tokenizer = prepare()
     if tokenizer.vocab_size > stage.model.vocab_size:
         raise GembedUserError(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the model's "
@@ -181,7 +194,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
 
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
-    state = _restore_or_init(stage, optimizer, manager, init_ref, mesh)
+    shardings = state_shardings(stage, optimizer, mesh)
+    state = _restore_or_init(stage, optimizer, manager, init_ref, shardings)
     start_step = int(state.step)
     if jax.process_index() == 0:
         write_operative_config(workdir / "config.gin")
@@ -193,15 +207,17 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
                           optimizer=optimizer, schedule=schedule, chunk_size=config.chunk_size,
                           mesh=mesh),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        in_shardings=(shardings, sharding.batch_sharded(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)
 
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
     writer = MetricsWriter(workdir, resume_step=start_step)
+    if jax.process_index() > 0:
+        show_progress = False
     progress = tqdm.tqdm(total=config.train_steps, initial=start_step, desc="train",
-                         disable=(not show_progress) if show_progress is not None else None,
+                         disable=None if show_progress is None else not show_progress,
                          dynamic_ncols=True)
     last: dict = {}
     window_start, window_steps, window_data = time.perf_counter(), 0, DataWindow(batches)

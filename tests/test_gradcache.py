@@ -210,6 +210,6 @@ def test_row_tile_must_divide_the_batch():
 
 
 def test_chunk_size_must_divide_rows_per_device():
-    gradcache.check_chunk_size(batch_size=64, chunk_size=8, num_devices=8)
+    gradcache.check_chunk_size(batch_size=64, chunk_size=8, num_shards=8)
     with pytest.raises(GembedUserError, match="CHUNK_SIZE=3 does not divide the 8 examples"):
-        gradcache.check_chunk_size(batch_size=64, chunk_size=3, num_devices=8)
+        gradcache.check_chunk_size(batch_size=64, chunk_size=3, num_shards=8)

@@ -1,4 +1,5 @@
-"""End-to-end `gembed train`: learning, exact resume after SIGKILL, 8 devices == 1, user errors.
+"""End-to-end `gembed train`: learning, exact resume after SIGKILL, 8 devices == 1 (FSDP, gradient
+caching), 2 processes x 4 devices == 8 devices, user errors.
 
 One uninterrupted in-process run is the reference for the others; every other run is a separate
 process (a killed-and-resumed one, and one on 8 fake CPU devices).
@@ -8,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,9 +41,12 @@ def corpus(tmp_path_factory):
 
 
 def train_args(corpus, workdir, *extra_params):
+    """The module's run. The learning rate is constant after warmup, so a run of fewer steps
+    repeats the first steps of a longer one."""
     params = [f"TRAIN_DATA='{corpus['pairs']}'", f"TRAIN_STEPS={STEPS}", "BATCH_SIZE=64",
               "MAX_LENGTH=64", "LEARNING_RATE=1e-3", "CHECKPOINT_EVERY=20", "LOG_EVERY=5",
-              "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=10", f"TrainConfig.tokenizer='{corpus['tokenizer']}'", *extra_params]
+              "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=10",
+              "TrainConfig.end_learning_rate_fraction=1.0", f"TrainConfig.tokenizer='{corpus['tokenizer']}'", *extra_params]
     return (["train", "--gin_file=model/tiny.gin", "--gin_file=prefinetune.gin",
              f"--workdir={workdir}"] + [f"--gin_param={p}" for p in params])
 
@@ -103,16 +109,68 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(corpus, refer
     assert got == expected
 
 
-def test_eight_devices_with_gradient_caching_match_one_device(corpus, reference_run):
-    """8 devices, each embedding its 8 rows 4 at a time, give the 1-device plain run's losses."""
+@pytest.fixture(scope="module")
+def eight_device_run(corpus):
+    """8 devices as 4 (data) x 2 (model), FSDP + tensor-parallel rules, gradient caching (chunks of 4)."""
     workdir = corpus["root"] / "eight_devices"
-    process = run_gembed(train_args(corpus, workdir, "CHUNK_SIZE=4"),
+    args = train_args(corpus, workdir, "CHUNK_SIZE=4", "ShardingConfig.model_parallelism=2")
+    process = run_gembed(args + ["--gin_file=sharding/fsdp.gin"],
                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
+    return workdir
+
+
+def test_eight_devices_with_fsdp_and_gradient_caching_match_one_device(reference_run, eight_device_run):
     one = np.array([m["loss"] for m in read_metrics(reference_run)])
-    eight = np.array([m["loss"] for m in read_metrics(workdir)])
+    eight = np.array([m["loss"] for m in read_metrics(eight_device_run)])
     np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(args):
+    """`gembed train` as 2 processes x 4 CPU devices over 127.0.0.1 (jax.distributed, gloo)."""
+    address = f"127.0.0.1:{free_port()}"
+    processes = [run_gembed(args + [f"--coordinator_address={address}", "--num_processes=2",
+                                    f"--process_id={index}"],
+                            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                 for index in range(2)]
+    deadline = time.time() + 600
+    while time.time() < deadline and any(p.poll() is None for p in processes):
+        if any(p.poll() not in (None, 0) for p in processes):   # one failed: do not wait on the other
+            break
+        time.sleep(0.5)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        _, stderr = process.communicate()
+        assert process.returncode == 0, stderr[-5000:]
+
+
+def test_two_hosts_of_four_devices_match_eight_devices_and_resume(corpus, eight_device_run):
+    """50 steps, pure data parallel over 2 processes, equal the 1-process FSDP run on 8 devices;
+    both processes then resume from a checkpoint they wrote together and repeat the run exactly."""
+    workdir = corpus["root"] / "two_hosts"
+    args = train_args(corpus, workdir, "TRAIN_STEPS=50")
+    run_two_processes(args)
+    first = read_metrics(workdir)
+    np.testing.assert_allclose([m["loss"] for m in first],
+                               [m["loss"] for m in read_metrics(eight_device_run)[:len(first)]],
+                               rtol=1e-5, atol=1e-5)
+    checkpoints = workdir / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == [20, 40, 50]
+    shutil.rmtree(checkpoints / "50")
+    run_two_processes(args)
+    assert without_timing(read_metrics(workdir)) == without_timing(first)
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "examples_per_second"} for m in metrics]
 
 
 def test_finetune_inits_from_the_prefinetune_checkpoint(corpus, reference_run, tmp_path):
