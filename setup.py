@@ -21,6 +21,9 @@ CORE = [
     "flatbuffers>=24.3",
 ]
 
+# Run the notebooks/ (tests/test_notebooks.py executes them, so the test extra has these too).
+NOTEBOOKS = ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"]
+
 setup(
     name="gembed",
     version="0.1.0",
@@ -30,7 +33,8 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", *NOTEBOOKS],
+        "notebooks": NOTEBOOKS,
         "peer": [
             "torch==2.13.0",
             "sentence-transformers>=3",

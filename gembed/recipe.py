@@ -24,7 +24,7 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gin
 
@@ -81,6 +81,19 @@ class Recipe:
         parse_task_list([self.soup_task, *self.eval_tasks])   # typos fail before any training
 
 
+def train_stage(workdir: str | os.PathLike, gin_files: Sequence[str], gin_params: Sequence[str] = (),
+                show_progress: bool | None = None) -> dict:
+    """`gembed train` from Python: trains (or resumes) one stage in `workdir` configured by gin
+    files and `NAME=VALUE` params, then clears the gin config; returns the last logged metrics."""
+    from gembed import config, train
+
+    try:
+        config.parse_gin(gin_files, gin_params)
+        return train.train(workdir, config.build_stage_config(), show_progress=show_progress)
+    finally:
+        gin.clear_config()
+
+
 def _quoted(value: str) -> str:
     return json.dumps(str(value))
 
@@ -123,18 +136,9 @@ class Runner:
         return path
 
     def train(self, name: str, gin_files: tuple[str, ...], params: tuple[str, ...]) -> pathlib.Path:
-        from gembed import config, train
-
         spec = {"gin_files": list(gin_files), "gin_params": list(params)}
-
-        def run(path: pathlib.Path) -> None:
-            try:
-                config.parse_gin(gin_files, params)
-                train.train(path, config.build_stage_config())
-            finally:
-                gin.clear_config()
-
-        return self.stage(name, spec, run, resumable=True)
+        return self.stage(name, spec, lambda path: train_stage(path, gin_files, params),
+                          resumable=True)
 
     def run(self) -> dict[str, dict[str, dict[str, float]]]:
         """All stages; returns {row: {task: scores}} of the eval stage."""

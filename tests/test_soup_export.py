@@ -20,8 +20,10 @@ import gembed
 from gembed import checkpoint, cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.embedder import load_checkpoint
+from gembed.errors import GembedUserError
 from gembed.model import init_params
 from gembed.model_folder import model_config_from_dict, read_weights
+from gembed.recipe import train_stage
 from gembed.soup import flat_params
 
 TEXTS = ["Return the sum of a and b.", "def add(a, b): return a + b",
@@ -210,3 +212,9 @@ def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, ca
     line = capsys.readouterr().err.strip().splitlines()[-1]   # after the prefinetune "skipped"
     assert line.startswith("gembed: error: ") and "another configuration" in line
     assert str(run / "stages" / "a.json") in line and f"delete {run / 'a'}" in line
+
+
+def test_train_stage_clears_the_gin_config_after_a_stage_it_refused(tmp_path):
+    with pytest.raises(GembedUserError, match="BATCH_SZE"):
+        train_stage(tmp_path, ["model/tiny.gin", "prefinetune.gin"], ["BATCH_SZE=8"])
+    assert gin.config_str() == ""
