@@ -33,15 +33,19 @@ QUERY_SLOT, POSITIVE_SLOT, FIRST_NEGATIVE_SLOT = 0, 1, 2
 MIN_BUCKET = 16
 
 
-def bucket_length(length: int, max_length: int) -> int:
-    """The padded length for `length` tokens: the next power of two (at least 16), capped.
+def bucket_length(length: int, max_length: int, steps_per_octave: int = 1) -> int:
+    """The padded length for `length` tokens: the next bucket (at least 16), capped.
 
-    Padding to a few bucket lengths instead of max_length cuts padding waste while keeping the
-    number of compiled shapes at about log2(max_length / 16) + 1.
+    Buckets split each octave [2^k, 2^(k+1)) into `steps_per_octave` equal steps of at least 16
+    tokens: 1 gives the powers of two (16, 32, 64, ...), 4 gives 16, 32, 48, 64, 80, ..., 128, 160,
+    .... Padding to a few bucket lengths instead of max_length cuts padding waste (at most a
+    factor 1 + 1/steps_per_octave) while keeping the number of compiled shapes at about
+    steps_per_octave * log2(max_length / 16) + 1.
     """
     bucket = MIN_BUCKET
     while bucket < length:
-        bucket *= 2
+        octave_start = 1 << (bucket.bit_length() - 1)
+        bucket += max(MIN_BUCKET, octave_start // steps_per_octave)
     return min(bucket, max_length)
 
 
