@@ -1,7 +1,9 @@
 """Inference: `Embedder.encode(texts) -> float32[N, dim]`, L2-normalised rows.
 
-Texts are sorted by token length and padded to a few bucket lengths (powers of two), and batches
-are padded to `batch_size` rows, so only a handful of shapes is ever compiled however many calls.
+Texts are sorted by token length and padded to a few bucket lengths (four per octave: 16, 32, 48,
+64, 80, ...), and batches are padded to `batch_size` rows, so only a handful of shapes is ever
+compiled however many calls. Each batch is dispatched before the previous one is read back, so
+the host prepares batch i+1 while the device computes batch i.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import pathlib
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -20,6 +21,8 @@ from gembed.data.tokenizer_files import open_tokenizer
 from gembed.errors import GembedUserError
 from gembed.evaluation.mteb_adapter import MtebEncoderMixin
 from gembed.model import EmbeddingModel, ModelConfig, init_params
+
+BUCKETS_PER_OCTAVE = 4   # padding waste <= 25% (vs 100% for powers of two), ~4x the compiled shapes
 
 class Embedder(MtebEncoderMixin):
     """A trained model ready to embed text: params, model config, tokenizer and max length.
@@ -59,17 +62,27 @@ class Embedder(MtebEncoderMixin):
                                             add_eos=self.model_config.pooling == "last")
         order = np.argsort([len(ids) for ids in token_lists], kind="stable")
         output = np.zeros((len(texts), dim), np.float32)
+
+        def read_back(rows, embeddings):
+            output[rows] = np.asarray(embeddings)[:len(rows), :dim]
+
+        in_flight = None   # (rows, embeddings being computed) of the previous batch
         for start in tqdm.trange(0, len(texts), batch_size, desc="encode",
                                  disable=not show_progress):
             rows = order[start:start + batch_size]
-            length = bucket_length(max(len(token_lists[i]) for i in rows), self.max_length)
+            length = bucket_length(max(len(token_lists[i]) for i in rows), self.max_length,
+                                   BUCKETS_PER_OCTAVE)
             ids = np.full((batch_size, length), self.tokenizer.pad_id, np.int32)
             mask = np.zeros((batch_size, length), bool)
             for slot, i in enumerate(rows):
                 ids[slot, :len(token_lists[i])] = token_lists[i]
                 mask[slot, :len(token_lists[i])] = True
-            embeddings = np.asarray(self._embed(self.params, jnp.asarray(ids), jnp.asarray(mask)))
-            output[rows] = embeddings[:len(rows), :dim]
+            dispatched = (rows, self._embed(self.params, ids, mask))
+            if in_flight is not None:
+                read_back(*in_flight)
+            in_flight = dispatched
+        if in_flight is not None:
+            read_back(*in_flight)
         norms = np.linalg.norm(output, axis=1, keepdims=True)
         return output / np.maximum(norms, 1e-12)
 

@@ -1,8 +1,9 @@
 """The training objective of a batch: embed its text slots, then the contrastive loss over them.
 
 A batch (see `gembed.data.batching.TrainBatches`) holds per example the slots 0 = query,
-1 = positive, 2.. = hard negatives. `batch_loss` is the plain full-batch objective;
-`gembed.gradcache` computes the same loss from `embed_slots` chunk by chunk and `embeddings_loss`.
+1 = positive, 2.. = hard negatives. `batch_loss` is the plain full-batch objective (of padded or packed
+batches); `gembed.gradcache` computes the same loss from `embed_slots` chunk by chunk and
+`embeddings_loss`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def embed_slots(params, model_config: ModelConfig, token_ids, token_mask, rng) -
         token_mask.reshape(batch * slots, length), deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng})
     return flat.reshape(batch, slots, -1)
+
+
+def embed_packed_slots(params, model_config: ModelConfig, batch, rng) -> jax.Array:
+    """f32[B, S, D] unnormalised embeddings of a packed batch (`TrainBatches` with packing):
+    int32[R, L] rows whose segment ids number the texts b * S + s."""
+    batch_size, slots = batch["text_valid"].shape
+    deterministic = model_config.dropout_rate == 0.0
+    flat = EmbeddingModel(model_config).apply(
+        {"params": params}, batch["token_ids"], batch["token_mask"], deterministic=deterministic,
+        segment_ids=batch["segment_ids"], positions=batch["positions"],
+        num_texts=batch_size * slots, rngs=None if deterministic else {"dropout": rng})
+    return flat.reshape(batch_size, slots, -1)
 
 
 def embeddings_loss(params, embeddings, batch, model_config: ModelConfig,
@@ -47,5 +60,8 @@ def embeddings_loss(params, embeddings, batch, model_config: ModelConfig,
 
 def batch_loss(params, batch, rng, model_config: ModelConfig, loss_config: LossConfig):
     """(loss, metrics) of a global batch, all activations kept for the backward pass."""
-    embeddings = embed_slots(params, model_config, batch["token_ids"], batch["token_mask"], rng)
+    if "segment_ids" in batch:
+        embeddings = embed_packed_slots(params, model_config, batch, rng)
+    else:
+        embeddings = embed_slots(params, model_config, batch["token_ids"], batch["token_mask"], rng)
     return embeddings_loss(params, embeddings, batch, model_config, loss_config)

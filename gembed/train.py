@@ -190,7 +190,7 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
         add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size),
-        length_buckets=config.length_buckets)
+        length_buckets=config.length_buckets, packing=config.packing)
 
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 
 import gin
+import jax
 import numpy as np
 import pytest
 
 from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.config import LossConfig
 from gembed.data.batching import TrainBatches
+from gembed.data.examples import Example
 from gembed.data.mixture import DatasetSpec, TrainingDataset
 from gembed.data.tfds_pairs import TfdsExamples, prepare_tfds_pairs
 from gembed.errors import GembedUserError
 from gembed.losses import text_keys
+from gembed.model import ModelConfig, init_params
+from gembed.objective import batch_loss
 
 
 class CharTokenizer:
@@ -142,3 +148,33 @@ def test_length_buckets_pad_to_the_next_power_of_two_and_keep_every_token():
         assert not full["token_mask"][..., length:].any()
         lengths.add(length)
     assert len(lengths) > 1
+
+
+def test_packed_batches_keep_every_text_and_give_the_padded_loss_and_gradients():
+    docs = load_builtin("stdlib_docs", "train")[:64]
+    examples = [Example(e.query, e.positive, negatives=(docs[i - 1].positive,) if i % 3 else ())
+                for i, e in enumerate(docs)]
+    datasets = [TrainingDataset(DatasetSpec(name="docs", data="builtin:stdlib_docs"), examples)]
+    kwargs = dict(batch_size=8, max_length=64, num_hard_negatives=1, seed=0, add_eos=False,
+                  rows=slice(0, 8))
+    padded = TrainBatches(datasets, CharTokenizer(), **kwargs)[0]
+    packed = TrainBatches(datasets, CharTokenizer(), packing=True, **kwargs)[0]
+    rows = packed["token_ids"].shape[0]
+    assert rows % 4 == 0 and rows * 64 < padded["token_ids"].size
+    flat_ids, flat_mask = padded["token_ids"].reshape(-1, 64), padded["token_mask"].reshape(-1, 64)
+    for text in range(flat_ids.shape[0]):
+        in_text = packed["token_mask"] & (packed["segment_ids"] == text)
+        np.testing.assert_array_equal(packed["token_ids"][in_text], flat_ids[text][flat_mask[text]])
+        np.testing.assert_array_equal(packed["positions"][in_text], np.arange(flat_mask[text].sum()))
+
+    config = ModelConfig(vocab_size=1000, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                         max_position_embeddings=64)
+    params = init_params(config, jax.random.key(0))
+    loss_and_grads = jax.jit(jax.value_and_grad(
+        functools.partial(batch_loss, rng=None, model_config=config, loss_config=LossConfig()),
+        has_aux=True))
+    (padded_loss, _), padded_grads = loss_and_grads(params, padded)
+    (packed_loss, _), packed_grads = loss_and_grads(params, packed)
+    np.testing.assert_allclose(packed_loss, padded_loss, rtol=1e-5)
+    for packed_grad, padded_grad in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(padded_grads)):
+        np.testing.assert_allclose(packed_grad, padded_grad, rtol=1e-4, atol=1e-6)

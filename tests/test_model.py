@@ -13,8 +13,10 @@ import pytest
 import scipy.special
 from flax import traverse_util
 
+from gembed.data.packing import pack
 from gembed.errors import GembedUserError
 from gembed.model import EmbeddingModel, Encoder, ModelConfig, init_params
+from gembed.model.config import POOLINGS
 from gembed.model.encoder import pool
 from gembed.model.layers import Norm
 
@@ -280,6 +282,27 @@ def test_appending_padding_leaves_embedding_unchanged(config):
         short = pool(encoder_fn(config)(params, token_ids, mask), mask, pooling)
         long = pool(encoder_fn(config)(params, padded_ids, padded_mask), padded_mask, pooling)
         np.testing.assert_allclose(long, short, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_rows_embed_each_text_as_alone(name):
+    """Texts packed several to a row (segment-aware attention, per-text positions) get the
+    embeddings of the plain padded forward, for every pooling."""
+    lengths = np.array([8, 5, 1, 3, 6, 2])
+    token_ids, mask = batch(lengths, length=8)
+    token_lists = [list(np.asarray(ids)[:n]) for ids, n in zip(token_ids, lengths)]
+    packed = {k: jnp.asarray(v) for k, v in pack(token_lists, row_length=10, pad_id=0,
+                                                 keep=[True] * 5 + [False], row_multiple=1).items()}
+    assert packed["token_ids"].shape[0] == 3   # texts 0+2 | 4+3 | 1; text 5 left out
+    for pooling in POOLINGS:
+        config = dataclasses.replace(CONFIGS[name], pooling=pooling)
+        model = EmbeddingModel(config)
+        plain = model.apply({"params": params_for(CONFIGS[name])}, token_ids, mask)
+        together = jax.jit(functools.partial(model.apply, num_texts=6))(
+            {"params": params_for(CONFIGS[name])}, packed["token_ids"], packed["token_mask"],
+            segment_ids=packed["segment_ids"], positions=packed["positions"])
+        np.testing.assert_allclose(together[:5], plain[:5], rtol=1e-5, atol=1e-5, err_msg=pooling)
+        np.testing.assert_array_equal(together[5], 0.0)
 
 
 def test_causal_attention_ignores_later_tokens():

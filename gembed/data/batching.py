@@ -9,11 +9,13 @@ uninterrupted run would have seen. Each process tokenizes only its own rows of t
 (`sharding.host_slice`).
 
 A batch holds, per example, `2 + k` text slots: 0 = query, 1 = positive, 2.. = hard negatives.
+With packing, the texts are packed into MAX_LENGTH rows instead (`gembed.data.packing`).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Iterator, Sequence
 
 import grain
@@ -23,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from gembed.data.examples import Example
 from gembed.data.mixture import TrainingDataset
+from gembed.data.packing import ROW_MULTIPLE, pack
 from gembed.errors import GembedUserError
 from gembed.losses import text_keys
 
@@ -30,15 +33,19 @@ QUERY_SLOT, POSITIVE_SLOT, FIRST_NEGATIVE_SLOT = 0, 1, 2
 MIN_BUCKET = 16
 
 
-def bucket_length(length: int, max_length: int) -> int:
-    """The padded length for `length` tokens: the next power of two (at least 16), capped.
+def bucket_length(length: int, max_length: int, steps_per_octave: int = 1) -> int:
+    """The padded length for `length` tokens: the next bucket (at least 16), capped.
 
-    Padding to a few bucket lengths instead of max_length cuts padding waste while keeping the
-    number of compiled shapes at about log2(max_length / 16) + 1.
+    Buckets split each octave [2^k, 2^(k+1)) into `steps_per_octave` equal steps of at least 16
+    tokens: 1 gives the powers of two (16, 32, 64, ...), 4 gives 16, 32, 48, 64, 80, ..., 128, 160,
+    .... Padding to a few bucket lengths instead of max_length cuts padding waste (at most a
+    factor 1 + 1/steps_per_octave) while keeping the number of compiled shapes at about
+    steps_per_octave * log2(max_length / 16) + 1.
     """
     bucket = MIN_BUCKET
     while bucket < length:
-        bucket *= 2
+        octave_start = 1 << (bucket.bit_length() - 1)
+        bucket += max(MIN_BUCKET, octave_start // steps_per_octave)
     return min(bucket, max_length)
 
 
@@ -83,14 +90,21 @@ class TrainBatches:
       token_mask bool [b, 2+k, L]   True on real tokens
       text_valid bool [b, 2+k]               False on hard-negative slots the example lacks
       text_keys  int32[b, 2+k, 2]            64-bit text identity (duplicate masking)
+    With `packing` the token arrays are packed rows instead (`gembed.data.packing`), R a
+    multiple of 4 and of the device count; text t = b * (2+k) + s:
+      token_ids, token_mask, segment_ids (= t), positions   [R, max_length]
     Queries carry their dataset's query prompt, documents its document prompt.
     """
 
     def __init__(self, datasets: Sequence[TrainingDataset], tokenizer, *, batch_size: int,
                  max_length: int, num_hard_negatives: int, seed: int, add_eos: bool,
-                 rows: slice, length_buckets: bool = False):
+                 rows: slice, length_buckets: bool = False, packing: bool = False):
+        if packing and jax.process_count() > 1:
+            raise GembedUserError("TrainConfig.packing=True runs on one host only (each host "
+                                  "would pack a different number of rows); set it to False.")
         self.datasets = list(datasets)
         self._length_buckets = length_buckets
+        self._packing = packing
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._num_slots = FIRST_NEGATIVE_SLOT + num_hard_negatives
@@ -141,6 +155,12 @@ class TrainBatches:
         prompts = [query_prompt] + [document_prompt] * (slots - 1)
         prompted = [prompts[i % slots] + text if text else text for i, text in enumerate(texts)]
         token_lists = self._tokenizer.encode(prompted, length, add_eos=self._add_eos)
+        keys = text_keys(texts).reshape(rows, slots, 2)
+        if self._packing:
+            row_multiple = math.lcm(ROW_MULTIPLE, jax.device_count())
+            packed = pack(token_lists, length, self._tokenizer.pad_id, keep=valid.reshape(-1),
+                          row_multiple=row_multiple)
+            return {**packed, "text_valid": valid, "text_keys": keys}
         if self._length_buckets:
             length = bucket_length(max(map(len, token_lists)), length)
         token_ids = np.full((rows * slots, length), self._tokenizer.pad_id, np.int32)
@@ -153,7 +173,7 @@ class TrainBatches:
             "token_ids": token_ids.reshape(rows, slots, length),
             "token_mask": token_mask.reshape(rows, slots, length),
             "text_valid": valid,
-            "text_keys": text_keys(texts).reshape(rows, slots, 2),
+            "text_keys": keys,
         }
 
 

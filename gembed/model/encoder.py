@@ -2,6 +2,10 @@
 
 Shapes: B batch, L sequence length, D hidden_size, E embedding_size. `mask` is bool[B, L],
 True for real tokens; padding is on the right.
+
+Packed rows (`gembed.data.packing`) hold several texts each: `segment_ids` int32[B, L] names the
+text of every token (tokens attend only within their text) and `positions` int32[B, L] its
+position in that text, so a packed text gets the hidden states it would get alone in a row.
 """
 import math
 
@@ -11,7 +15,7 @@ import flax.linen as nn
 
 from gembed.errors import GembedUserError
 from gembed.model.config import ModelConfig
-from gembed.model.layers import KERNEL_INIT, Norm, TransformerBlock, dense
+from gembed.model.layers import KERNEL_INIT, Norm, TransformerBlock, attention_mask, dense
 
 
 def embed(config: ModelConfig, name: str, num_embeddings: int) -> nn.Embed:
@@ -26,10 +30,14 @@ class Encoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """token_ids: int32[B, L]; mask: bool[B, L] → final hidden states float32[B, L, D]."""
+    def __call__(self, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """token_ids: int32[B, L]; mask: bool[B, L]; optional segment_ids, positions: int32[B, L]
+        (default: one text per row at positions 0..L-1) → final hidden states float32[B, L, D]."""
         config = self.config
         length = token_ids.shape[1]
+        if positions is None:
+            positions = jnp.arange(length)[None]
         x = embed(config, "token_embedding", config.vocab_size)(token_ids)
         if config.embedding_scale:
             x = x * jnp.asarray(math.sqrt(config.hidden_size), config.compute_dtype)
@@ -38,15 +46,16 @@ class Encoder(nn.Module):
                 raise GembedUserError(
                     f"sequence length {length} exceeds ModelConfig.max_position_embeddings="
                     f"{config.max_position_embeddings}; truncate inputs to at most that many tokens.")
-            x = x + embed(config, "position_embedding", config.max_position_embeddings)(
-                jnp.arange(length))[None]
+            x = x + embed(config, "position_embedding", config.max_position_embeddings)(positions)
         if config.type_vocab_size > 0:
             x = x + embed(config, "token_type_embedding", config.type_vocab_size)(
                 jnp.zeros((1, 1), jnp.int32))
         if config.embedding_norm:
             x = Norm(config, name="embedding_norm")(x)
+        visible = attention_mask(mask, segment_ids)
         for index in range(config.num_layers):
-            x = TransformerBlock(config, name=f"layer_{index}")(x, mask, deterministic=deterministic)
+            x = TransformerBlock(config, name=f"layer_{index}")(x, visible, positions,
+                                                                deterministic=deterministic)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
@@ -68,6 +77,26 @@ def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def pool_segments(hidden: jax.Array, mask: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                  num_texts: int, pooling: str) -> jax.Array:
+    """`pool` of packed rows: hidden float32[B, L, D]; mask: bool[B, L]; segment_ids (text index
+    in 0..num_texts-1), positions: int32[B, L] → float32[num_texts, D], zeros for an absent text."""
+    hidden = hidden.astype(jnp.float32).reshape(-1, hidden.shape[-1])
+    texts = jnp.where(mask, segment_ids, num_texts).reshape(-1)   # padding goes to a dropped row
+    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), texts, num_texts + 1)
+    positions = positions.reshape(-1)
+    if pooling == "mean":
+        weights = jnp.ones_like(positions, jnp.float32)
+    elif pooling == "first":
+        weights = (positions == 0).astype(jnp.float32)
+    else:
+        weights = (positions == counts[texts] - 1).astype(jnp.float32)
+    pooled = jax.ops.segment_sum(hidden * weights[:, None], texts, num_texts + 1)[:num_texts]
+    if pooling == "mean":
+        pooled = pooled / jnp.maximum(counts[:num_texts, None], 1.0)
+    return pooled
+
+
 class EmbeddingModel(nn.Module):
     """`Encoder` + pooling + optional Dense projection; also owns the contrastive `log_scale`.
 
@@ -78,13 +107,23 @@ class EmbeddingModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """token_ids: int32[B, L]; mask: bool[B, L] → unnormalised embeddings float32[B, E]."""
+    def __call__(self, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                 num_texts: int | None = None) -> jax.Array:
+        """token_ids: int32[B, L]; mask: bool[B, L] → unnormalised embeddings float32[B, E].
+
+        Packed rows (segment_ids, positions: int32[B, L], see the module docstring) give
+        float32[num_texts, E], row t the embedding of the text whose segment id is t.
+        """
         config = self.config
         self.param("log_scale", nn.initializers.constant(-math.log(config.initial_temperature)),
                    (), jnp.float32)
-        hidden = Encoder(config, name="encoder")(token_ids, mask, deterministic=deterministic)
-        pooled = pool(hidden, mask, config.pooling)
+        hidden = Encoder(config, name="encoder")(token_ids, mask, deterministic=deterministic,
+                                                 segment_ids=segment_ids, positions=positions)
+        if segment_ids is None:
+            pooled = pool(hidden, mask, config.pooling)
+        else:
+            pooled = pool_segments(hidden, mask, segment_ids, positions, num_texts, config.pooling)
         if config.projection_dim is not None:
             pooled = dense(config, config.projection_dim, config.projection_bias, "projection")(pooled)
         return pooled.astype(jnp.float32)

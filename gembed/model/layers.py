@@ -50,24 +50,33 @@ class Norm(nn.Module):
         return x.astype(config.compute_dtype)
 
 
-def apply_rotary_embedding(x: jax.Array, theta: float) -> jax.Array:
-    """Rotates x: [B, L, heads, H] by its positions 0..L-1 (HF Llama `rotate_half` layout).
+def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotates x: [B, L, heads, H] by its token positions int32[B or 1, L] (HF Llama `rotate_half`).
 
     Dimension i of the first half pairs with dimension i + H/2, rotated by angle
     position * theta^(-2i/H). Computed in float32, returned in x's dtype.
     """
-    length, head_dim = x.shape[1], x.shape[3]
+    head_dim = x.shape[3]
     inverse_frequencies = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inverse_frequencies[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     first_half, second_half = jnp.split(x32, 2, axis=-1)
     rotated_half = jnp.concatenate([-second_half, first_half], axis=-1)
     return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
 
 
+def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Which keys each query may see: bool[B, 1, 1, L] (real keys), or bool[B, 1, L, L] (real
+    keys of the query's own segment) for packed rows; mask: bool[B, L]; segment_ids: int32[B, L]."""
+    keys = mask[:, None, None, :]
+    if segment_ids is None:
+        return keys
+    return keys & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) self-attention with a key padding mask.
+    """Multi-head (or grouped-query) self-attention under an `attention_mask`.
 
     Submodules query, key, value, output. Logits and softmax are in float32; a query whose
     keys are all masked attends uniformly, so fully padded rows stay finite.
@@ -76,8 +85,9 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, D]; mask: bool[B, L] (True = real token) → [B, L, D]."""
+    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array) -> jax.Array:
+        """x: [B, L, D]; visible: bool[B, 1, 1 or L, L] (`attention_mask`); positions:
+        int32[B or 1, L] (RoPE) → [B, L, D]."""
         config = self.config
         batch, length, hidden = x.shape
         heads, kv_heads, head_dim = (
@@ -89,11 +99,11 @@ class Attention(nn.Module):
         key = key.reshape(batch, length, kv_heads, head_dim)
         value = value.reshape(batch, length, kv_heads, head_dim)
         if config.position_embedding == "rope":
-            query = apply_rotary_embedding(query, config.rope_theta)
-            key = apply_rotary_embedding(key, config.rope_theta)
+            query = apply_rotary_embedding(query, positions, config.rope_theta)
+            key = apply_rotary_embedding(key, positions, config.rope_theta)
         attended = jax.nn.dot_product_attention(
             query, key, value,
-            mask=mask[:, None, None, :],
+            mask=visible,
             is_causal=config.attention_mask == "causal",
         )
         attended = attended.reshape(batch, length, heads * head_dim)
@@ -139,12 +149,13 @@ class TransformerBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """x: [B, L, D]; mask: bool[B, L] (True = real token) → [B, L, D]."""
+    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array, *,
+                 deterministic: bool = True) -> jax.Array:
+        """x: [B, L, D]; visible, positions: see `Attention` → [B, L, D]."""
         config = self.config
         attention = Attention(config, name="attention")
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
-        x = residual(x, Norm(config, name="attention_norm"), lambda y: attention(y, mask),
+        x = residual(x, Norm(config, name="attention_norm"), lambda y: attention(y, visible, positions),
                      dropout, config.norm_position)
         return residual(x, Norm(config, name="mlp_norm"), Mlp(config, name="mlp"),
                         dropout, config.norm_position)

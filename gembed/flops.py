@@ -1,0 +1,72 @@
+"""Model FLOPs of the embedding model and model FLOPs utilisation (MFU).
+
+Model FLOPs count the matmuls of the useful work only, 2 per multiply-add: the dense layers at
+every real token, and attention (QK^T and PV) over each text's own tokens. Padding, packing's
+masked attention, norms, activations and the embedding lookups are not counted. A training step
+is 3x its forward pass (the backward pass takes two matmuls per forward matmul).
+
+The peak is the datasheet dense bfloat16 peak for accelerators, and on CPU a measured float32
+matmul rate (the best of a few timed 2048x2048 matmuls), since CPU datasheets rarely state one.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gembed.model import ModelConfig
+
+# Dense bfloat16 FLOP/s per device, from the vendors' datasheets (device_kind substrings).
+DATASHEET_PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+
+def dense_flops_per_token(config: ModelConfig) -> float:
+    """FLOPs of the dense layers of all blocks at one token (attention scores excluded)."""
+    width, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads,
+                                        config.effective_num_kv_heads, config.effective_head_dim)
+    attention = width * (heads + 2 * kv_heads) * head_dim + heads * head_dim * width
+    mlp = width * config.mlp_dim * (3 if config.mlp_gated else 2)
+    return 2.0 * config.num_layers * (attention + mlp)
+
+
+def forward_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> float:
+    """Model FLOPs of embedding texts of these token lengths (one forward pass)."""
+    lengths = np.asarray(lengths, np.float64)
+    attention = 2.0 * 2.0 * config.num_layers * config.num_heads * config.effective_head_dim
+    flops = dense_flops_per_token(config) * lengths.sum() + attention * np.square(lengths).sum()
+    if config.projection_dim is not None:
+        flops += 2.0 * config.hidden_size * config.projection_dim * lengths.size
+    return float(flops)
+
+
+def train_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> float:
+    """Model FLOPs of a training step (forward and backward) over texts of these lengths."""
+    return 3.0 * forward_flops(config, lengths)
+
+
+def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` float32 [size, size] matmuls on the default device."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def device_peak() -> tuple[float, str]:
+    """(FLOP/s, where it comes from) for the default device: datasheet, else measured."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in DATASHEET_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peak, f"datasheet bf16 dense ({kind})"
+    return measured_matmul_peak(), f"measured float32 2048x2048 matmul ({kind})"

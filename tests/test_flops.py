@@ -1,0 +1,43 @@
+"""The model FLOP formula against XLA's own count of the compiled forward and training passes."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gembed.flops import forward_flops, measured_matmul_peak, train_flops
+from gembed.model import EmbeddingModel, ModelConfig, init_params
+
+BATCH, LENGTH = 2, 64
+# Wide layers and relu keep the uncounted elementwise work (norms, activations, softmax) < 1%.
+CONFIGS = {
+    "mha_projection": ModelConfig(vocab_size=100, hidden_size=256, num_layers=2, num_heads=4,
+                                  mlp_dim=1024, mlp_activation="relu", projection_dim=128),
+    "gqa_gated": ModelConfig(vocab_size=100, hidden_size=256, num_layers=2, num_heads=8,
+                             num_kv_heads=2, head_dim=64, mlp_dim=512, mlp_gated=True,
+                             mlp_activation="relu"),
+}
+
+
+def xla_flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flop_formula_matches_xla_cost_analysis(name):
+    config = CONFIGS[name]
+    params = init_params(config, jax.random.key(0))
+    token_ids = jnp.zeros((BATCH, LENGTH), jnp.int32)
+    mask = jnp.ones((BATCH, LENGTH), bool)
+    model = EmbeddingModel(config)
+
+    def embed(params):
+        return model.apply({"params": params}, token_ids, mask)
+
+    expected = forward_flops(config, [LENGTH] * BATCH)
+    assert expected <= xla_flops(embed, params) <= 1.01 * expected
+    grad = jax.grad(lambda params: jnp.sum(embed(params)))
+    expected = train_flops(config, [LENGTH] * BATCH)
+    assert expected <= xla_flops(grad, params) <= 1.02 * expected
+
+
+def test_measured_peak_is_a_plausible_rate():
+    assert 1e8 < measured_matmul_peak(size=256, repeats=2) < 1e15
