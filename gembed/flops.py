@@ -10,6 +10,7 @@ matmul rate (the best of a few timed 2048x2048 matmuls), since CPU datasheets ra
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -45,6 +46,14 @@ def forward_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> f
     return float(flops)
 
 
+def text_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Real tokens of every text slot of a host batch (`TrainBatches`, padded or packed), int[b*(2+k)]."""
+    mask = batch["token_mask"]
+    if "segment_ids" in batch:
+        return np.bincount(batch["segment_ids"][mask], minlength=batch["text_valid"].size)
+    return mask.sum(axis=-1).reshape(-1)
+
+
 def train_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> float:
     """Model FLOPs of a training step (forward and backward) over texts of these lengths."""
     return 3.0 * forward_flops(config, lengths)
@@ -70,3 +79,14 @@ def device_peak() -> tuple[float, str]:
         if name.lower() in kind.lower():
             return peak, f"datasheet bf16 dense ({kind})"
     return measured_matmul_peak(), f"measured float32 2048x2048 matmul ({kind})"
+
+
+@functools.cache
+def system_peak() -> tuple[float, str]:
+    """(FLOP/s, where it comes from) of all devices of all processes together: on GPU/TPU the
+    datasheet peak times the device count; on CPU the measured rate times the process count (one
+    machine per process; a process's CPU devices share its cores). Measured once per process."""
+    peak, source = device_peak()
+    if jax.devices()[0].platform == "cpu":
+        return peak * jax.process_count(), source
+    return peak * jax.device_count(), source

@@ -23,7 +23,7 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import checkpoint, gradcache, model_folder, sharding
+from gembed import checkpoint, flops, gradcache, model_folder, sharding
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_length
 from gembed.data.jsonl import SkippedLines
@@ -221,12 +221,14 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
                          dynamic_ncols=True)
     last: dict = {}
     window_start, window_steps, window_data = time.perf_counter(), 0, DataWindow(batches)
+    window_flops, peak_flops = 0.0, flops.system_peak()[0]
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
             host_batch = pad_to_common_length(next(host_batches), tokenizer.pad_id)
             state, metrics = step_fn(state, sharding.place_batch(host_batch, mesh))
             window_data.add(step)
+            window_flops += flops.train_flops(stage.model, flops.text_lengths(host_batch))
             done, window_steps = step + 1, window_steps + 1
             eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
             window_start += evaluator.last_seconds   # evaluation time is not training throughput
@@ -235,6 +237,9 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
                 values.update(eval_values)
                 elapsed = time.perf_counter() - window_start
                 values["examples_per_second"] = window_steps * config.batch_size / elapsed
+                # this process's rows x processes (hosts' rows differ little in length)
+                values["model_flops_per_second"] = window_flops * jax.process_count() / elapsed
+                values["mfu"] = values["model_flops_per_second"] / peak_flops
                 values.update(window_data.flush())
                 if skipped is not None:
                     values["skipped_examples"] = skipped.count
@@ -242,7 +247,7 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
                 progress.set_postfix(loss=f"{values['loss']:.4f}",
                                      temperature=f"{values['temperature']:.4f}")
                 last = {"step": done, **values}
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
             if done % config.checkpoint_every == 0 or done == config.train_steps:
                 checkpoint.save(manager, done, state.items())
             progress.update(1)

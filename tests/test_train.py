@@ -22,6 +22,7 @@ import pytest
 
 from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.data.tokenizer_files import open_tokenizer
 from gembed.embedder import Embedder, load_checkpoint
 from gembed.evaluation.pair_retrieval import evaluate_pairs
 from gembed.model import init_params
@@ -78,6 +79,7 @@ def test_loss_falls_temperature_moves_and_retrieval_improves(corpus, reference_r
     losses = [m["loss"] for m in metrics]
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
     assert abs(metrics[-1]["temperature"] - 0.05) > 1e-5  # tiny.gin: initial_temperature 0.05
+    assert all(0 < m["mfu"] < 2 for m in metrics)
     trained = load_checkpoint(reference_run, max_length=64)
     untrained = Embedder(trained.model_config, init_params(trained.model_config, jax.random.PRNGKey(0)),
                          trained.tokenizer, max_length=64)
@@ -170,7 +172,38 @@ def test_two_hosts_of_four_devices_match_eight_devices_and_resume(corpus, eight_
 
 
 def without_timing(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "examples_per_second"} for m in metrics]
+    timing = ("examples_per_second", "model_flops_per_second", "mfu")
+    return [{k: v for k, v in m.items() if k not in timing} for m in metrics]
+
+
+def test_logged_model_flops_are_those_of_the_texts_trained_on(corpus, reference_run):
+    """160 steps x 64 pairs is ~5 passes over the 2,000 pairs, so the logged model FLOPs per
+    example average to the corpus mean, computed here from the tiny model's shapes: per text
+    of n tokens, 3 (forward + backward) x 2 FLOPs per multiply-add x (layers x (4 D^2 + 2 D F) x n
+    + layers x 2 D n^2 attention + D x projection)."""
+    config = json.loads((reference_run / "model_config.json").read_text())
+    layers, width, mlp = config["num_layers"], config["hidden_size"], config["mlp_dim"]
+    tokenizer = open_tokenizer(reference_run)
+    pairs = [json.loads(line) for line in corpus["pairs"].read_text().splitlines()]
+    lengths = np.array([len(ids) for ids in tokenizer.encode(
+        [t for pair in pairs for t in (pair["query"], pair["positive"])], 64)], np.float64)
+    per_text = 6 * (layers * (4 * width**2 + 2 * width * mlp) * lengths
+                    + layers * 2 * width * lengths**2 + width * config["projection_dim"])
+    expected_per_example = 2 * per_text.mean()
+    logged = [m["model_flops_per_second"] / m["examples_per_second"] for m in read_metrics(reference_run)]
+    np.testing.assert_allclose(np.mean(logged), expected_per_example, rtol=0.03)
+
+
+def test_packed_training_repeats_the_padded_run(corpus, reference_run, tmp_path):
+    """TrainConfig.packing=True packs the texts into 64-token rows: its first 20 steps give the
+    padded reference run's losses."""
+    args = train_args(corpus, tmp_path / "packed", "TrainConfig.packing=True")
+    args = [a for a in args if not a.startswith("--gin_param=TRAIN_STEPS")] + ["--gin_param=TRAIN_STEPS=20"]
+    assert cli.main(args) == 0
+    packed = [m["loss"] for m in read_metrics(tmp_path / "packed")]
+    padded = [m["loss"] for m in read_metrics(reference_run)][:len(packed)]
+    assert len(packed) == 4
+    np.testing.assert_allclose(packed, padded, rtol=1e-4)
 
 
 def test_finetune_inits_from_the_prefinetune_checkpoint(corpus, reference_run, tmp_path):
