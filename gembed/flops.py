@@ -6,7 +6,7 @@ masked attention, norms, activations and the embedding lookups are not counted. 
 is 3x its forward pass (the backward pass takes two matmuls per forward matmul).
 
 The peak is the datasheet dense bfloat16 peak for accelerators, and on CPU a measured float32
-matmul rate (the best of a few timed 2048x2048 matmuls), since CPU datasheets rarely state one.
+matmul rate (the best of a few timed 1536x1536 matmuls), since CPU datasheets rarely state one.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def train_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> flo
     return 3.0 * forward_flops(config, lengths)
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+def measured_matmul_peak(size: int = 1536, repeats: int = 4) -> float:
     """FLOP/s of the fastest of `repeats` float32 [size, size] matmuls on the default device."""
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
@@ -78,7 +78,7 @@ def device_peak() -> tuple[float, str]:
     for name, peak in DATASHEET_PEAKS.items():
         if name.lower() in kind.lower():
             return peak, f"datasheet bf16 dense ({kind})"
-    return measured_matmul_peak(), f"measured float32 2048x2048 matmul ({kind})"
+    return measured_matmul_peak(), f"measured float32 1536x1536 matmul ({kind})"
 
 
 @functools.cache

@@ -41,7 +41,6 @@ class Case:
 
 
 CASES = [
-    Case(batch=16, chunk=4),
     Case(batch=16, chunk=2, hard_negatives=2, output_sizes=(8, 32)),
     Case(batch=32, chunk=4, hard_negatives=1, symmetric=False, same_tower=True),
     Case(batch=16, chunk=16, output_sizes=(16, 32), same_tower=True),
@@ -136,8 +135,8 @@ def test_cached_step_equals_plain_step(case):
 def test_cached_step_equals_plain_step_on_8_devices_in_process():
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices; test_cached_step_equals_plain_step_on_8_devices runs it")
-    for case in CASES[1:3]:  # chunks of 2 and 4 of the 16 or 32 rows per device
-        assert_same_step(dataclasses.replace(case, batch=case.batch * 8), sharding.make_mesh())
+    case = CASES[0]   # chunks of 2 of the 16 rows per device, hard negatives, Matryoshka
+    assert_same_step(dataclasses.replace(case, batch=case.batch * 8), sharding.make_mesh())
 
 
 def test_cached_step_equals_plain_step_on_8_devices():

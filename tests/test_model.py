@@ -284,7 +284,8 @@ def test_appending_padding_leaves_embedding_unchanged(config):
         np.testing.assert_allclose(long, short, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ["prenorm_layernorm_learned_gelu_mha",
+                                  "prenorm_rmsnorm_rope_swiglu_gqa_causal"])   # learned / rotary positions
 def test_packed_rows_embed_each_text_as_alone(name):
     """Texts packed several to a row (segment-aware attention, per-text positions) get the
     embeddings of the plain padded forward, for every pooling."""
