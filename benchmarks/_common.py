@@ -9,6 +9,8 @@ answers one JSON line on its original stdout. Everything the libraries print goe
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -28,6 +30,18 @@ MAX_LENGTH = 128
 DATASETS = ("stdlib_code", "stdlib_docs")
 
 
+def argument_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
+    """The flags both benchmarks share, and the hidden ones of their worker processes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--max_length", type=int, default=MAX_LENGTH)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--_worker", choices=["gembed", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    return parser
+
+
 def log(message: str) -> None:
     """Human progress, on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -44,8 +58,10 @@ def import_minilm(output: pathlib.Path, max_length: int) -> pathlib.Path:
     """`gembed import` of MiniLM into `output` (a gembed model folder, truncating at max_length)."""
     from gembed import cli
 
-    if cli.main(["import", f"--source={minilm_source()}", f"--output={output}",
-                 f"--max_length={max_length}"]) != 0:
+    with contextlib.redirect_stdout(sys.stderr):   # stdout carries only the result line
+        code = cli.main(["import", f"--source={minilm_source()}", f"--output={output}",
+                         f"--max_length={max_length}"])
+    if code != 0:
         raise RuntimeError("gembed import of all-MiniLM-L6-v2 failed")
     return output
 
@@ -92,6 +108,17 @@ class Worker:
     def close(self) -> None:
         self._process.stdin.close()
         self._process.wait()
+
+
+def start_workers(script: str, tmp: pathlib.Path, data: pathlib.Path, args,
+                  *extra: str) -> tuple["Worker", "Worker"]:
+    """(gembed, peer) workers of `script` on the `data` file, gembed's on MiniLM imported into
+    tmp/minilm; both get --batch_size, --max_length and `extra` flags."""
+    import_minilm(tmp / "minilm", args.max_length)
+    shared = [f"--data={data}", f"--batch_size={args.batch_size}",
+              f"--max_length={args.max_length}", *extra]
+    return (Worker(script, "gembed", [f"--model={tmp / 'minilm'}", *shared]),
+            Worker(script, "peer", shared))
 
 
 def serve(handle: Callable[[dict], dict]) -> None:

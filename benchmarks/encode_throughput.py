@@ -20,7 +20,6 @@ one JSON line:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -103,14 +102,8 @@ def padded_tokens(texts: list[str], lengths: list[int], batch_size: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _common.argument_parser(__doc__, batch_size=_common.BATCH_SIZE)
     parser.add_argument("--texts", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=_common.BATCH_SIZE)
-    parser.add_argument("--max_length", type=int, default=_common.MAX_LENGTH)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--_worker", choices=["gembed", "peer"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
         (gembed_worker if args._worker == "gembed" else peer_worker)(args)
@@ -123,11 +116,7 @@ def main() -> None:
         pairs = _common.stdlib_pairs()[: args.texts // 2]
         texts = [text for pair in pairs for text in pair]
         (tmp / "texts.json").write_text(json.dumps(texts))
-        _common.import_minilm(tmp / "minilm", args.max_length)
-        shared = [f"--data={tmp / 'texts.json'}", f"--batch_size={args.batch_size}",
-                  f"--max_length={args.max_length}"]
-        workers = [_common.Worker(__file__, "gembed", [f"--model={tmp / 'minilm'}", *shared]),
-                   _common.Worker(__file__, "peer", shared)]
+        workers = _common.start_workers(__file__, tmp, tmp / "texts.json", args)
         gembed, peer = workers
         peaks = [gembed.request(op="peak_flops")["peak_flops"]]
         warmup = {w.name: w.request(op="warmup", save=str(tmp / f"{w.name}.npy"))["seconds"]

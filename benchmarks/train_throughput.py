@@ -31,7 +31,6 @@ What each side runs (like with like):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -153,14 +152,8 @@ def peer_worker(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _common.argument_parser(__doc__, batch_size=32)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed pass")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_length", type=int, default=_common.MAX_LENGTH)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--_worker", choices=["gembed", "peer"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
         (gembed_worker if args._worker == "gembed" else peer_worker)(args)
@@ -169,11 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "pairs.json").write_text(json.dumps(_common.stdlib_pairs()))
-        _common.import_minilm(tmp / "minilm", args.max_length)
-        shared = [f"--data={tmp / 'pairs.json'}", f"--batch_size={args.batch_size}",
-                  f"--max_length={args.max_length}", f"--steps={args.steps}"]
-        workers = [_common.Worker(__file__, "gembed", [f"--model={tmp / 'minilm'}", *shared]),
-                   _common.Worker(__file__, "peer", shared)]
+        workers = _common.start_workers(__file__, tmp, tmp / "pairs.json", args,
+                                        f"--steps={args.steps}")
         gembed, peer = workers
         peer.request(op="batches", batches=gembed.request(op="batches")["batches"])
         peaks = [gembed.request(op="peak_flops")["peak_flops"]]
