@@ -96,7 +96,7 @@ def gembed_worker(args) -> None:
                     "padding_fraction": 1 - sum(lengths) / sum(b["token_ids"].size for b in host),
                     "compiled_shapes": len({b["token_ids"].shape for b in host})}
         start = time.perf_counter()
-        host_batches = batches.iterate(0)
+        host_batches = batches.iterate(0, num_steps=args.steps)
         for _ in range(args.steps):
             state, metrics = step_fn(state, next(host_batches))
         loss = float(metrics["loss"])   # waits for the last step

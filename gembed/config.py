@@ -73,7 +73,8 @@ class TrainConfig:
     skip_bad_examples: bool = False  # skip (and count in metrics) bad data lines instead of stopping
     max_text_chars: int = 100_000   # a longer text is a bad example (truncation is by tokens)
     length_buckets: bool = True     # pad each batch to a power-of-two bucket, not MAX_LENGTH
-    packing: bool = False           # pack texts into MAX_LENGTH rows (gembed.data.packing): little padding
+    packing: bool = False           # pack texts into MAX_LENGTH rows (gembed.data.packing): little
+                                    # padding; rows are always MAX_LENGTH long (no length buckets)
 
     @property
     def dataset_specs(self) -> tuple[DatasetSpec, ...]:

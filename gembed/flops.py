@@ -20,10 +20,11 @@ import numpy as np
 
 from gembed.model import ModelConfig
 
-# Dense bfloat16 FLOP/s per device, from the vendors' datasheets (device_kind substrings).
+# Dense bfloat16 FLOP/s per device, from the vendors' datasheets: the first key that is a
+# substring of `device_kind` wins (JAX calls v5e "TPU v5 lite" and v5p "TPU v5").
 DATASHEET_PEAKS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "TPU v5": 459e12, "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
 }
 
 
@@ -72,12 +73,18 @@ def measured_matmul_peak(size: int = 1536, repeats: int = 4) -> float:
     return 2.0 * size**3 / best
 
 
+def datasheet_peak(device_kind: str) -> float | None:
+    """Dense bf16 FLOP/s of a device of this `device_kind`, or None when the table lacks it."""
+    return next((peak for name, peak in DATASHEET_PEAKS.items()
+                 if name.lower() in device_kind.lower()), None)
+
+
 def device_peak() -> tuple[float, str]:
     """(FLOP/s, where it comes from) for the default device: datasheet, else measured."""
     kind = jax.devices()[0].device_kind
-    for name, peak in DATASHEET_PEAKS.items():
-        if name.lower() in kind.lower():
-            return peak, f"datasheet bf16 dense ({kind})"
+    peak = datasheet_peak(kind)
+    if peak is not None:
+        return peak, f"datasheet bf16 dense ({kind})"
     return measured_matmul_peak(), f"measured float32 1536x1536 matmul ({kind})"
 
 

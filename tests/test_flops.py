@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gembed.flops import forward_flops, measured_matmul_peak, train_flops
+from gembed.flops import datasheet_peak, forward_flops, measured_matmul_peak, train_flops
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 
 BATCH, LENGTH = 2, 64
@@ -41,3 +41,10 @@ def test_flop_formula_matches_xla_cost_analysis(name):
 
 def test_measured_peak_is_a_plausible_rate():
     assert 1e8 < measured_matmul_peak(size=256, repeats=2) < 1e15
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
+                                        ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA A100-SXM4-40GB", 312e12), ("cpu", None)])
+def test_datasheet_peak_by_device_kind(kind, peak):
+    assert datasheet_peak(kind) == peak

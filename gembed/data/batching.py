@@ -38,8 +38,8 @@ def bucket_length(length: int, max_length: int, steps_per_octave: int = 1) -> in
 
     Buckets split each octave [2^k, 2^(k+1)) into `steps_per_octave` equal steps of at least 16
     tokens: 1 gives the powers of two (16, 32, 64, ...), 4 gives 16, 32, 48, 64, 80, ..., 128, 160,
-    .... Padding to a few bucket lengths instead of max_length cuts padding waste (at most a
-    factor 1 + 1/steps_per_octave) while keeping the number of compiled shapes at about
+    .... Padding to a few bucket lengths instead of max_length cuts padding waste (from 64 tokens
+    up at most a factor 1 + 1/steps_per_octave for a power-of-two steps_per_octave) while keeping the number of compiled shapes at about
     steps_per_octave * log2(max_length / 16) + 1.
     """
     bucket = MIN_BUCKET
@@ -137,9 +137,10 @@ class TrainBatches:
         examples = [dataset.examples[i] for i in self.example_indices(step)]
         return self._tokenize(examples, dataset.spec.query_prompt, dataset.spec.document_prompt)
 
-    def iterate(self, start_step: int, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-        """Batches for steps start_step, start_step+1, ..., prepared by a background thread."""
-        steps = grain.MapDataset.range(start_step, start_step + (1 << 40)).map(self.__getitem__)
+    def iterate(self, start_step: int, prefetch: int = 4,
+                num_steps: int = 1 << 40) -> Iterator[dict[str, np.ndarray]]:
+        """Batches for steps start_step, ..., start_step + num_steps - 1, prepared by a background thread."""
+        steps = grain.MapDataset.range(start_step, start_step + num_steps).map(self.__getitem__)
         options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
         return iter(steps.to_iter_dataset(options))
 
