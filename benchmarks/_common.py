@@ -42,6 +42,17 @@ def argument_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_or_serve(parser: argparse.ArgumentParser, gembed_worker: Callable,
+                   peer_worker: Callable) -> argparse.Namespace | None:
+    """The parent's args; in a worker process (--_worker=NAME) serves that worker instead and
+    returns None."""
+    args = parser.parse_args()
+    if args._worker is None:
+        return args
+    (gembed_worker if args._worker == "gembed" else peer_worker)(args)
+    return None
+
+
 def log(message: str) -> None:
     """Human progress, on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -104,9 +104,8 @@ def padded_tokens(texts: list[str], lengths: list[int], batch_size: int,
 def main() -> None:
     parser = _common.argument_parser(__doc__, batch_size=_common.BATCH_SIZE)
     parser.add_argument("--texts", type=int, default=1024)
-    args = parser.parse_args()
-    if args._worker:
-        (gembed_worker if args._worker == "gembed" else peer_worker)(args)
+    args = _common.parse_or_serve(parser, gembed_worker, peer_worker)
+    if args is None:
         return
 
     import numpy as np

@@ -56,7 +56,7 @@ def gembed_worker(args) -> None:
     from gembed.data.batching import TrainBatches
     from gembed.data.examples import Example
     from gembed.data.mixture import DatasetSpec, TrainingDataset
-    from gembed.flops import measured_matmul_peak, train_flops
+    from gembed.flops import measured_matmul_peak, text_lengths, train_flops
     from gembed.model_folder import read_model_folder
     from gembed.train import TrainState, learning_rate_schedule, make_optimizer, train_step
 
@@ -90,8 +90,7 @@ def gembed_worker(args) -> None:
             return {"peak_rss_mb": _common.peak_rss_mb()}
         if request["op"] == "model_flops":
             host = [batches[step] for step in range(args.steps)]
-            lengths = [n for batch in host
-                       for n in np.bincount(batch["segment_ids"][batch["token_mask"]])]
+            lengths = np.concatenate([text_lengths(batch) for batch in host])
             return {"model_flops": train_flops(folder.model_config, lengths),
                     "padding_fraction": 1 - sum(lengths) / sum(b["token_ids"].size for b in host),
                     "compiled_shapes": len({b["token_ids"].shape for b in host})}
@@ -154,9 +153,8 @@ def peer_worker(args) -> None:
 def main() -> None:
     parser = _common.argument_parser(__doc__, batch_size=32)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed pass")
-    args = parser.parse_args()
-    if args._worker:
-        (gembed_worker if args._worker == "gembed" else peer_worker)(args)
+    args = _common.parse_or_serve(parser, gembed_worker, peer_worker)
+    if args is None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:

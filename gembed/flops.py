@@ -38,12 +38,13 @@ def dense_flops_per_token(config: ModelConfig) -> float:
 
 
 def forward_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> float:
-    """Model FLOPs of embedding texts of these token lengths (one forward pass)."""
+    """Model FLOPs of embedding texts of these token lengths (one forward pass); texts of length
+    0 (absent hard-negative slots) cost nothing."""
     lengths = np.asarray(lengths, np.float64)
     attention = 2.0 * 2.0 * config.num_layers * config.num_heads * config.effective_head_dim
     flops = dense_flops_per_token(config) * lengths.sum() + attention * np.square(lengths).sum()
     if config.projection_dim is not None:
-        flops += 2.0 * config.hidden_size * config.projection_dim * lengths.size
+        flops += 2.0 * config.hidden_size * config.projection_dim * np.count_nonzero(lengths)
     return float(flops)
 
 

@@ -15,14 +15,19 @@ from gembed.losses import contrastive_loss
 from gembed.model import EmbeddingModel, ModelConfig
 
 
+def _embed(params, model_config: ModelConfig, rng, token_ids, token_mask, **packed) -> jax.Array:
+    """`EmbeddingModel.apply`, with dropout (keyed by rng) when the config has any."""
+    deterministic = model_config.dropout_rate == 0.0
+    return EmbeddingModel(model_config).apply(
+        {"params": params}, token_ids, token_mask, deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng}, **packed)
+
+
 def embed_slots(params, model_config: ModelConfig, token_ids, token_mask, rng) -> jax.Array:
     """f32[B, S, D] unnormalised embeddings of int32[B, S, L] token slots (query, positive, ...)."""
     batch, slots, length = token_ids.shape
-    deterministic = model_config.dropout_rate == 0.0
-    flat = EmbeddingModel(model_config).apply(
-        {"params": params}, token_ids.reshape(batch * slots, length),
-        token_mask.reshape(batch * slots, length), deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng})
+    flat = _embed(params, model_config, rng, token_ids.reshape(batch * slots, length),
+                  token_mask.reshape(batch * slots, length))
     return flat.reshape(batch, slots, -1)
 
 
@@ -30,11 +35,9 @@ def embed_packed_slots(params, model_config: ModelConfig, batch, rng) -> jax.Arr
     """f32[B, S, D] unnormalised embeddings of a packed batch (`TrainBatches` with packing):
     int32[R, L] rows whose segment ids number the texts b * S + s."""
     batch_size, slots = batch["text_valid"].shape
-    deterministic = model_config.dropout_rate == 0.0
-    flat = EmbeddingModel(model_config).apply(
-        {"params": params}, batch["token_ids"], batch["token_mask"], deterministic=deterministic,
-        segment_ids=batch["segment_ids"], positions=batch["positions"],
-        num_texts=batch_size * slots, rngs=None if deterministic else {"dropout": rng})
+    flat = _embed(params, model_config, rng, batch["token_ids"], batch["token_mask"],
+                  segment_ids=batch["segment_ids"], positions=batch["positions"],
+                  num_texts=batch_size * slots)
     return flat.reshape(batch_size, slots, -1)
 
 
