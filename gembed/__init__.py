@@ -1,7 +1,11 @@
 """gembed: contrastive text and code embedding models in JAX/Flax.
 
-`gembed.load(MODEL_DIR)` returns an `Embedder`; the heavy modules load on first use.
+`gembed.load(MODEL_DIR)` returns an `Embedder`; the heavy modules load on first use. Importing
+gembed adds its XLA:CPU settings to XLA_FLAGS (`gembed.xla_cpu_flags`).
 """
+from gembed.xla_cpu_flags import add_tuned_flags
+
+add_tuned_flags()
 
 
 def load(model_dir):

@@ -18,7 +18,8 @@ from gembed.errors import GembedUserError
 from gembed.model import EmbeddingModel, Encoder, ModelConfig, init_params
 from gembed.model.config import POOLINGS
 from gembed.model.encoder import pool
-from gembed.model.layers import Norm
+from gembed.model.layers import Norm, attention_mask
+from gembed.model.softmax_attention import softmax_attention
 
 MODEL_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "model"
 
@@ -315,6 +316,29 @@ def test_causal_attention_ignores_later_tokens():
         earlier_diff = float(jnp.max(jnp.abs(after[:, :5] - before[:, :5])))
         assert (earlier_diff > 1e-3) == later_changes_earlier, (config.attention_mask, earlier_diff)
         assert float(jnp.max(jnp.abs(after[:, 5:] - before[:, 5:]))) > 1e-3
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_softmax_attention_and_its_gradient_match_autodiff_of_jax_attention(is_causal):
+    """The hand-written backward against autodiff of `jax.nn.dot_product_attention`: packed
+    segments, padding queries that see no key (uniform attention), grouped key/value heads."""
+    rng = np.random.default_rng(0)
+    query, weights = (jnp.asarray(rng.standard_normal((2, 8, 4, 8)), jnp.float32) for _ in range(2))
+    key, value = (jnp.asarray(rng.standard_normal((2, 8, 2, 8)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2], [3, 3, 3, 3, 3, 4, 4, 4]])
+    mask = jnp.arange(8)[None] < jnp.asarray([[8], [5]])
+    visible = attention_mask(mask, segment_ids)
+
+    def weighted_sum(attend):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * weights),
+                                  argnums=(0, 1, 2))(query, key, value)
+
+    ours = weighted_sum(lambda q, k, v: softmax_attention(q, k, v, visible, is_causal))
+    reference = weighted_sum(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=visible, is_causal=is_causal))
+    for name, got, want in zip(("value", "query grad", "key grad", "value grad"),
+                               jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_bfloat16_compute_is_close_to_float32_with_float32_params():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from gembed.model.config import ModelConfig
+from gembed.model.softmax_attention import softmax_attention
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -101,11 +102,8 @@ class Attention(nn.Module):
         if config.position_embedding == "rope":
             query = apply_rotary_embedding(query, positions, config.rope_theta)
             key = apply_rotary_embedding(key, positions, config.rope_theta)
-        attended = jax.nn.dot_product_attention(
-            query, key, value,
-            mask=visible,
-            is_causal=config.attention_mask == "causal",
-        )
+        attended = softmax_attention(query, key, value, visible,
+                                     is_causal=config.attention_mask == "causal")
         attended = attended.reshape(batch, length, heads * head_dim)
         return dense(config, hidden, config.use_bias, "output")(attended)
 
