@@ -177,4 +177,6 @@ def test_packed_batches_keep_every_text_and_give_the_padded_loss_and_gradients()
     (packed_loss, _), packed_grads = loss_and_grads(params, packed)
     np.testing.assert_allclose(packed_loss, padded_loss, rtol=1e-5)
     for packed_grad, padded_grad in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(padded_grads)):
-        np.testing.assert_allclose(packed_grad, padded_grad, rtol=1e-4, atol=1e-6)
+        # float32 sums in another order: errors scale with the leaf's largest entry.
+        np.testing.assert_allclose(packed_grad, padded_grad, rtol=1e-4,
+                                   atol=max(1e-6, 1e-5 * float(np.max(np.abs(padded_grad)))))
