@@ -2,11 +2,13 @@
 
 Autodiff of softmax(mask(q·kᵀ))·v stores and re-reads several [B, N, L, L] intermediates; the
 backward here uses the FlashAttention identities instead: with P the probabilities and O the
-output, dS = P ⊙ (dO·vᵀ - rowsum(dO ⊙ O)) at the visible keys (0 at the others), so it makes one elementwise pass over [B, N, L, L]
-between four matmuls. On a 2-core CPU, MiniLM's attention (20 rows of 128 tokens, 12 heads)
-takes 76 ms fwd+bwd against 86-96 ms for `jax.nn.dot_product_attention`, and the whole train
-step 2-4% less time (paired step timings). The values are that function's: tests/test_model.py checks outputs and
-gradients against it.
+output, dS = P ⊙ (dO·vᵀ - rowsum(dO ⊙ O)) at the visible keys (0 at the others), so it makes one
+elementwise pass over [B, N, L, L] between four matmuls. On a 2-core CPU, MiniLM's attention (20
+rows of 128 tokens, 12 heads) takes 76 ms fwd+bwd against 86-96 ms for
+`jax.nn.dot_product_attention`, and the whole train step 2-4% less time (paired step timings). Not
+differentiated (encode), the function is `jax.nn.dot_product_attention` itself, with which encode runs
+~15% faster. Differentiated, the values are that function's: tests/test_model.py checks
+outputs and gradients against it.
 
 Shapes: B batch, L sequence length, N query heads, K key/value heads (N a multiple of K), H
 head_dim. Logits, softmax and its gradient are float32; the matmul inputs are in the inputs' dtype.
@@ -25,9 +27,8 @@ def softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array, visibl
     if heads != kv_heads:
         key = jnp.repeat(key, heads // kv_heads, axis=2)
         value = jnp.repeat(value, heads // kv_heads, axis=2)
-    length = query.shape[1]
-    visible = jnp.broadcast_to(visible, (visible.shape[0], 1, length, length))
     if is_causal:
+        length = query.shape[1]
         visible = visible & jnp.tril(jnp.ones((length, length), bool))
     return _attention(query, key, value, visible)
 
@@ -41,7 +42,7 @@ def _probabilities(query: jax.Array, key: jax.Array, visible: jax.Array) -> jax.
 
 @jax.custom_vjp
 def _attention(query, key, value, visible):
-    return _attention_forward(query, key, value, visible)[0]
+    return jax.nn.dot_product_attention(query, key, value, mask=visible)
 
 
 def _attention_forward(query, key, value, visible):
