@@ -16,6 +16,7 @@ from typing import Sequence
 
 import gin
 
+from gembed.convert import hub
 from gembed.data.mixture import DatasetSpec
 from gembed import model_folder
 from gembed.errors import GembedUserError
@@ -221,9 +222,12 @@ def build_stage_config() -> StageConfig:
     """Instantiates the configured dataclasses (call after `parse_gin`).
 
     When INIT_FROM is a model folder, the model is the folder's architecture (see
-    `model_folder.finetune_model_config` for which ModelConfig bindings still apply).
+    `model_folder.finetune_model_config` for which ModelConfig bindings still apply); an
+    `hf:ORG/NAME` INIT_FROM becomes the model folder it imports to (`hub.imported_model_folder`).
     """
     train = TrainConfig()
+    if hub.is_hub_name(train.init_from):
+        train = dataclasses.replace(train, init_from=str(hub.imported_model_folder(train.init_from)))
     model = ModelConfig()
     if model_folder.is_model_folder(train.init_from):
         model = model_folder.finetune_model_config(

@@ -47,15 +47,17 @@ def to_transformers(model: ModelConfig, encoder_params: Any, where: pathlib.Path
     """(family, config.json fields, {tensor name: float32 array}) of a gembed encoder.
 
     Raises a GembedUserError naming the nearest family's differing fields when no transformers
-    class computes this architecture.
+    class computes this architecture (nearest: fewest differences among the families that have a
+    tensor for every param, else among all).
     """
     wanted = architecture(model)
     params = list(flatten_params(encoder_params))
-    differences = {}
+    differences, unmapped_families = {}, set()
     for family in FAMILIES:
         unmapped = [param for param in params if not family.has_row(param)]
         if unmapped:
             differences[family.architecture] = [f"no tensor for {', '.join(unmapped[:2])}"]
+            unmapped_families.add(family.architecture)
             continue
         config = family.hf_config(model)
         tensors = export_encoder(family, encoder_params, model)
@@ -70,7 +72,7 @@ def to_transformers(model: ModelConfig, encoder_params: Any, where: pathlib.Path
         if not differing:
             return family, config, tensors
         differences[family.architecture] = differing
-    nearest = min(differences, key=lambda name: len(differences[name]))
+    nearest = min(differences, key=lambda name: (name in unmapped_families, len(differences[name])))
     raise GembedUserError(
         f"{where}: no transformers architecture computes this model; the nearest, {nearest}, "
         f"differs in {'; '.join(differences[nearest])}. Export with --format=gembed instead.")
