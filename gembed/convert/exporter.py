@@ -115,7 +115,7 @@ def export_sentence_transformers(source: str | os.PathLike, output: str | os.Pat
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise GembedUserError(f"{output}: --output exists and is not empty; choose a new folder.")
     embedder = load_embedder(source, max_length=max_length)
-    card = provenance(pathlib.Path(source), eval_results)
+    card = dataclasses.replace(provenance(pathlib.Path(source), eval_results), name=output.name)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:

@@ -16,15 +16,25 @@ from gembed.model import ModelConfig
 CONFIG_FILE = "gembed_config.json"
 SUMMARY_MACROS = ("TRAIN_DATA", "INIT_FROM", "TRAIN_STEPS", "BATCH_SIZE", "MAX_LENGTH",
                   "LEARNING_RATE", "SEED", "CHUNK_SIZE")
-# What serves each family in text-embeddings-inference (its router and candle backend, v1.9).
+# What serves each family in text-embeddings-inference (its router and candle backend, v1.9):
+# (what the card says, the docker image tag or None when TEI does not serve it).
 TEI_SUPPORT = {
-    "bert": "served (CPU and GPU).",
-    "megatron-bert": "not served: TEI has no Megatron-BERT model; use sentence-transformers.",
-    "llama": "served on CUDA GPUs with flash attention only (TEI >= 1.9.0 reads "
-             "`use_bidirectional_attention`).",
-    "qwen2": "served on CUDA GPUs with flash attention only (TEI >= 1.9.0 reads `is_causal`).",
-    "gemma": "not served: TEI has Gemma 3 (`gemma3_text`) but no Gemma (1) model.",
+    "bert": ("served on CPU and GPU.", "cpu-1.9"),
+    "megatron-bert": ("not served: TEI has no Megatron-BERT model; use sentence-transformers.",
+                      None),
+    "llama": ("served on CUDA GPUs with flash attention only (TEI >= 1.9.0 reads "
+              "`use_bidirectional_attention`).", "1.9"),
+    "qwen2": ("served on CUDA GPUs with flash attention only (TEI >= 1.9.0 reads `is_causal`).",
+              "1.9"),
+    "gemma": ("not served: TEI has Gemma 3 (`gemma3_text`) but no Gemma (1) model.", None),
 }
+FAMILY_NOTES = {
+    "qwen2": "For `model_type: qwen2`, transformers 5 loads the tokenizer as `Qwen2Tokenizer`, "
+             "which rebuilds Qwen2's normalizer (NFC) and pre-tokenizer from code whatever "
+             "tokenizer.json says; a model imported from a Qwen2 checkpoint keeps that tokenizer, "
+             "so the ids agree. TEI and `tokenizers` read tokenizer.json as it is.",
+}
+MODEL_CONFIG_SECTION = re.compile(r"# Parameters for ModelConfig:\n.*?(?=# Parameters for |\Z)", re.S)
 BIDIRECTIONAL_NOTE = """\
 This decoder was trained **without the causal mask**. `config.json` says so twice:
 `"is_causal": false` and `"use_bidirectional_attention": true`. Which loaders honour them:
@@ -43,6 +53,7 @@ class ModelCard:
     """Everything the card says. Provenance comes from `provenance`; the exporter adds the rest."""
 
     source: str
+    name: str = ""
     step: int | None = None
     imported_from: str | None = None
     training_config: str | None = None
@@ -160,10 +171,14 @@ def _training(card: ModelCard) -> list[str]:
                      + ": " + ", ".join(f"`{k}`" for k in kept) + ".")
     if card.training_config:
         macros = _macros(card.training_config)
+        # The run's architecture is the Model table's (the workdir's model_config.json); the gin
+        # ModelConfig bindings need not be it (INIT_FROM a model folder fixes the architecture).
+        config = MODEL_CONFIG_SECTION.sub("", card.training_config).strip()
         lines += ["", "| setting | value |", "|---|---|",
                   *(f"| {name} | `{value}` |" for name, value in macros.items()), "",
-                  f"<details><summary>operative config ({card.training_config_path})</summary>",
-                  "", "```", card.training_config.strip(), "```", "", "</details>"]
+                  f"<details><summary>operative config ({card.training_config_path}; its "
+                  f"ModelConfig bindings left out, see Model)</summary>",
+                  "", "```", config, "```", "", "</details>"]
     if len(lines) == 2:
         lines.append("No training record was found next to the exported model.")
     return lines + [""]
@@ -221,17 +236,22 @@ def _usage(card: ModelCard) -> list[str]:
         "import gembed",
         f"embeddings = gembed.load(MODEL_DIR).encode(texts{', task=' + repr(prompt) if prompt else ''})",
         "```", "",
-        "text-embeddings-inference: "
-        + TEI_SUPPORT.get(card.family.model_type, "not checked for this architecture."), "", "```",
-        "docker run -p 8080:80 -v $PWD:/data ghcr.io/huggingface/text-embeddings-inference:cpu-1.9 "
-        "--model-id /data/PATH",
-        "```", "",
-    ]
+    ] + _tei(card.family.model_type)
+
+
+def _tei(model_type: str) -> list[str]:
+    support, image = TEI_SUPPORT.get(model_type, ("not checked for this architecture.", None))
+    lines = [f"text-embeddings-inference: {support}", ""]
+    if image is not None:
+        lines += ["```", f"docker run -p 8080:80 -v $PWD:/data "
+                         f"ghcr.io/huggingface/text-embeddings-inference:{image} --model-id /data/PATH",
+                  "```", ""]
+    return lines
 
 
 def model_card(card: ModelCard, files: list[str]) -> str:
     """The README.md text; `files`: the sentence-transformers module folders, in order."""
-    name = pathlib.Path(card.source).name
+    name = card.name or pathlib.Path(card.source).name
     lines = [
         "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
         "tags: [sentence-transformers, feature-extraction, sentence-similarity, gembed]", "---", "",
@@ -243,6 +263,8 @@ def model_card(card: ModelCard, files: list[str]) -> str:
         "## Model", "", *_model_table(card), "",
         f"Modules: {' -> '.join(files)}.", "",
     ]
+    if card.family.model_type in FAMILY_NOTES:
+        lines += [FAMILY_NOTES[card.family.model_type], ""]
     if card.model.attention_mask == "bidirectional" and card.causal_flags:
         lines += ["## Attention", "", BIDIRECTIONAL_NOTE]
     lines += _training(card) + _evaluation(card) + _usage(card)
