@@ -1,23 +1,24 @@
 """gembed: contrastive text and code embedding models in JAX/Flax.
 
-`gembed.load(MODEL_DIR)` returns an `Embedder`; the heavy modules load on first use. Importing
-gembed adds its XLA:CPU settings to XLA_FLAGS (`gembed.xla_cpu_flags`).
+`gembed.load(MODEL_DIR)` returns an `Embedder`. Importing gembed changes nothing outside it (no
+environment variables, no logging configuration); the CLI applies its XLA:CPU tuning itself
+(`gembed.xla_cpu_flags`).
 """
-from gembed.xla_cpu_flags import add_tuned_flags
-
-add_tuned_flags()
-
-
-def load(model_dir):
-    """The `Embedder` of a model folder (see CONTRACT.md "Model folder")."""
-    from gembed.embedder import Embedder
-    from gembed.model_folder import read_model_folder
-
-    import jax
-
-    folder = read_model_folder(model_dir)
-    return Embedder(folder.model_config, jax.device_put(folder.params), folder.tokenizer,
-                    folder.max_length, folder.task_prompts)
+from gembed import checkpoint, model_folder, workdir
+from gembed.embedder import Embedder
+from gembed.errors import GembedUserError
 
 
-__all__ = ["load"]
+def load(path) -> Embedder:
+    """The `Embedder` of a model folder; a training CKPT (a workdir, one of its step folders, or a
+    soup) is accepted too and read with the max length the run trained with."""
+    if model_folder.is_model_folder(path):
+        return Embedder.of(model_folder.read_model_folder(path))
+    if checkpoint.holds_checkpoints(path):
+        return Embedder.of(workdir.read_checkpoint_model(path))
+    raise GembedUserError(
+        f"{path}: neither a model folder (no {model_folder.CONFIG_FILE}) nor a training checkpoint; "
+        f"{model_folder.MAKE_ONE}, or name a `gembed train` workdir.")
+
+
+__all__ = ["Embedder", "load"]

@@ -6,6 +6,7 @@ Everywhere a CKPT is asked for, a training workdir (its latest step) or one step
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -28,7 +29,14 @@ class _QuietReadOnly(logging.Filter):
                     or message.startswith("Given directory is read only"))
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+@contextlib.contextmanager
+def _quiet_read_only():
+    quiet = _QuietReadOnly()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -39,7 +47,8 @@ def open_manager(workdir, keep: int | None = None, read_only: bool = False) -> o
     """The workdir's manager, keeping the `keep` newest steps."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+    with _quiet_read_only():
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
@@ -78,6 +87,13 @@ class CheckpointRef:
     @property
     def step_dir(self) -> pathlib.Path:
         return checkpoint_dir(self.workdir) / str(self.step)
+
+
+def holds_checkpoints(path: str | pathlib.Path) -> bool:
+    """Whether `path` is a step folder, a checkpoints/ folder, or a workdir with checkpoints/."""
+    path = pathlib.Path(path)
+    return (path.name.isdigit() and path.parent.name == "checkpoints") or (
+        path / "checkpoints").is_dir() or path.name == "checkpoints"
 
 
 def resolve(path: str | pathlib.Path, role: str = "CKPT") -> CheckpointRef:

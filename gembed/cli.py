@@ -6,12 +6,11 @@ Exit status: 0 success; 2 a user error, reported as one `gembed: error: ...` lin
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import sys
 from typing import Sequence
 
+from gembed import xla_cpu_flags
 from gembed.errors import GembedUserError
 
 
@@ -22,19 +21,13 @@ class _Parser(argparse.ArgumentParser):
         raise GembedUserError(f"{message}; see `{self.prog} --help`.")
 
 
-def _on_cloud_tpu_vm() -> bool:
-    """libtpu installed and TPU chips attached (/dev/accel*, or /dev/vfio/N on v5e and newer)."""
-    return (importlib.util.find_spec("libtpu") is not None
-            and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
-
-
 def _initialize_distributed(args: argparse.Namespace) -> None:
     """jax.distributed from the flags, or auto-detected on SLURM and TPU pods; single host otherwise."""
     import jax
 
     explicit = args.coordinator_address is not None
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if not (explicit or slurm or _on_cloud_tpu_vm()):
+    if not (explicit or slurm or xla_cpu_flags.tpu_chips_attached()):
         return
     if explicit and (args.num_processes is None or args.process_id is None):
         raise GembedUserError("--coordinator_address needs --num_processes and --process_id too.")
@@ -75,12 +68,12 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_mine(args: argparse.Namespace) -> None:
+    import gembed
     from gembed.data import load_examples, write_jsonl
-    from gembed.embedder import load_embedder
     from gembed.mining import mine_hard_negatives
 
     examples = load_examples(args.input, split=args.split)
-    embedder = load_embedder(args.model, max_length=args.max_length)
+    embedder = gembed.load(args.model)
     mined, stats = mine_hard_negatives(
         embedder, examples, num_negatives=args.num_negatives, candidates=args.candidates,
         relative_margin=args.relative_margin, task=args.task, batch_size=args.batch_size,
@@ -145,10 +138,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(run_recipe(args.gin_file, args.gin_param, args.workdir))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="run (or resume) one training stage")
     train.add_argument("--gin_file", action="append", required=True, default=[],
                        help="gin file; a path or relative to experiments/configs (repeatable)")
@@ -160,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--process_id", type=int, help="this process's index (multi-host)")
     train.set_defaults(run=cmd_train)
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="score a model folder on evaluation tasks",
         description="Prints a table and writes JSON {task: {main_score, metric: value, ...}}, "
@@ -173,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     evaluate.add_argument("--dim", type=int, help="evaluate the first DIM coordinates (Matryoshka)")
     evaluate.set_defaults(run=cmd_eval)
+
+
+def _add_import(commands) -> None:
     convert = commands.add_parser("import", help="convert a Hugging Face / sentence-transformers "
                                   "folder (safetensors) to a model folder")
     convert.add_argument("--source", required=True,
@@ -190,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tokens per text (default: the source's max_seq_length, else 512)")
     convert.set_defaults(run=cmd_import)
 
+
+def _add_mine(commands) -> None:
     mine = commands.add_parser(
         "mine", help="add mined hard negatives to training pairs",
         description="Embeds the queries and the pool of positives with a first-round model, takes "
@@ -205,10 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--relative_margin", type=float, default=0.95,
                       help="drop candidates scoring >= this x the positive's score")
     mine.add_argument("--task", help="the task whose prompt queries get")
-    mine.add_argument("--max_length", type=int, default=128, help="tokens per text")
     mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     mine.set_defaults(run=cmd_mine)
 
+
+def _add_soup(commands) -> None:
     soup = commands.add_parser(
         "soup", help="average the params of checkpoints (model soup)",
         description="Uniform: the mean of every CKPT's params. Greedy: CKPTs sorted by their "
@@ -219,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     soup.add_argument("--output", required=True, help="the soup folder to write (new)")
     soup.add_argument("--method", choices=("uniform", "greedy"), default="uniform")
     soup.add_argument("--eval_task", help="held-out task deciding the greedy soup (e.g. "
-                      "stdlib_code); with uniform, only scored")
+                      "stdlib_code:validation); with uniform, only scored")
     soup.add_argument("--data_dir", help="folder holding the public evaluation sets")
     soup.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     soup.set_defaults(run=cmd_soup)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a model folder from a checkpoint")
     export.add_argument("--checkpoint", required=True,
                         help="a training workdir (latest step), a step folder, or a soup (with "
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights dtype in model.safetensors (read back as float32)")
     export.set_defaults(run=cmd_export)
 
+
+def _add_encode(commands) -> None:
     encode = commands.add_parser("encode", help="embed the texts of a file into a .npy")
     encode.add_argument("--model", required=True, help="a model folder")
     encode.add_argument("--input", required=True,
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     encode.set_defaults(run=cmd_encode)
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser(
         "run", help="the whole recipe: pre-finetune, finetune runs, soups, export, eval",
         description="Runs the stages of a recipe gin file (a gembed.recipe.Recipe) in DIR/<stage>/, "
@@ -258,14 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gin_file", required=True,
                      help="the recipe, e.g. experiments/recipes/quickstart.gin")
     run.add_argument("--gin_param", action="append", default=[],
-                     help="a binding NAME=VALUE applied after the recipe, e.g. "
-                          "INIT_FROM='models/minilm' (repeatable)")
+                     help="a binding NAME=VALUE applied after the recipe (repeatable)")
     run.add_argument("--workdir", required=True, help="where every stage's folder goes")
     run.set_defaults(run=cmd_run)
+
+
+SUB_COMMANDS = (_add_train, _add_eval, _add_import, _add_mine, _add_soup, _add_export, _add_encode,
+                _add_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gembed", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUB_COMMANDS:
+        add(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    xla_cpu_flags.apply()
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

@@ -7,6 +7,7 @@ macros fail loudly when a run forgets them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,17 +17,18 @@ from typing import Sequence
 
 import gin
 
-from gembed.convert import hub
-from gembed.data.mixture import DatasetSpec
 from gembed import model_folder
+from gembed.convert import hub, hub_folder
+from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
+from gembed.evaluation.tasks import parse_task_list
 from gembed.model import ModelConfig
 from gembed.sharding import ShardingConfig
 
-REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
-# Macros every stage config honours (CONTRACT.md); --gin_param may set any of these or a macro a
-# parsed gin file defines.
+# Macros every stage config honours (docs/interface.md); --gin_param may set any of these or a
+# macro a parsed gin file defines.
 CONTRACT_MACROS = (
     "TRAIN_DATA", "BATCH_SIZE", "TRAIN_STEPS", "MAX_LENGTH", "LEARNING_RATE", "SEED",
     "INIT_FROM", "CHUNK_SIZE", "CHECKPOINT_EVERY", "LOG_EVERY",
@@ -36,12 +38,14 @@ CONTRACT_MACROS = (
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Which InfoNCE variant to train with (see `gembed.losses.contrastive_loss`)."""
+    """Which InfoNCE variant to train with (see `gembed.losses.contrastive.contrastive_loss`)."""
 
     symmetric: bool = True          # cpt-text: mean of both directions; False: Gemini query->doc
     same_tower: bool = False        # add query-query / doc-doc in-batch negatives
     mask_duplicates: bool = True    # never treat an identical text as a negative
     max_scale: float = 100.0        # clamp on exp(log_scale)
+    false_negative_margin: float | None = None   # drop a candidate scoring above the positive
+                                    # by more than this cosine margin (None: keep every candidate)
 
 
 @gin.configurable
@@ -135,8 +139,6 @@ class EvalConfig:
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
         object.__setattr__(self, "tasks", tuple(t.strip() for t in tasks if t.strip()))
         if self.tasks:   # unknown names fail now, before data loading and training
-            from gembed.evaluation.tasks import parse_task_list
-
             parse_task_list(self.tasks)
         if self.every_steps < 0 or self.batch_size <= 0:
             raise GembedUserError(
@@ -157,17 +159,21 @@ class StageConfig:
 
 def _resolve_gin_file(name: str) -> str:
     """A gin file given on the command line: as a path, else relative to experiments/configs."""
-    for candidate in (pathlib.Path(name), REPO_CONFIG_DIR / name):
+    for candidate in (pathlib.Path(name), GIN_CONFIGS_DIR / name):
         if candidate.is_file():
             return str(candidate)
     raise GembedUserError(
-        f"{name}: gin file not found (looked in the current directory and {REPO_CONFIG_DIR}); "
+        f"{name}: gin file not found (looked in the current directory and {GIN_CONFIGS_DIR}); "
         f"fix the --gin_file path.")
 
 
-def _defined_macros() -> set[str]:
-    """Names of the macros bound so far in the gin config."""
-    return {key[0] for key in gin.config._CONFIG if key[1] == "gin.macro"}
+def _macro_defined(name: str) -> bool:
+    """Whether the gin config parsed so far defines the macro `name`."""
+    try:
+        gin.query_parameter(f"%{name}")
+    except ValueError:
+        return False
+    return True
 
 
 class _QuietIncludeSearch(logging.Filter):
@@ -177,7 +183,15 @@ class _QuietIncludeSearch(logging.Filter):
         return not record.getMessage().startswith("Path not found")
 
 
-logging.getLogger().addFilter(_QuietIncludeSearch())
+@contextlib.contextmanager
+def _quiet_include_search():
+    """While parsing: no "Path not found" lines from gin's include-path search."""
+    quiet = _QuietIncludeSearch()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
@@ -186,24 +200,25 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
     A --gin_param that sets a macro no gin file defines (a likely typo, e.g. BATCH_SZE) is refused.
     """
     gin.clear_config()
-    if REPO_CONFIG_DIR.is_dir():
-        gin.add_config_file_search_path(str(REPO_CONFIG_DIR))
+    if GIN_CONFIGS_DIR.is_dir():
+        gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
     for name in gin_files:
         path = _resolve_gin_file(name)
         try:
-            gin.parse_config_file(path)
+            with _quiet_include_search():
+                gin.parse_config_file(path)
         except (ValueError, SyntaxError, IOError) as e:
             first_line = str(e).splitlines()[0]
             raise GembedUserError(f"{path}: {first_line}; fix or remove that binding.") from None
-    known_macros = _defined_macros() | set(CONTRACT_MACROS)
     for binding in gin_params:
         name = binding.split("=", 1)[0].strip()
         if "=" not in binding:
             raise GembedUserError(f"--gin_param={binding!r}: expected NAME=VALUE.")
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in known_macros:
+        if (re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in CONTRACT_MACROS
+                and not _macro_defined(name)):
             raise GembedUserError(
-                f"--gin_param={binding!r}: no gin file defines the macro {name}; "
-                f"known macros: {', '.join(sorted(known_macros))}.")
+                f"--gin_param={binding!r}: no gin file defines the macro {name}; set one the "
+                f"gin files define (every stage file defines {', '.join(CONTRACT_MACROS)}).")
         try:
             gin.parse_config(binding)
         except (ValueError, SyntaxError) as e:
@@ -223,11 +238,11 @@ def build_stage_config() -> StageConfig:
 
     When INIT_FROM is a model folder, the model is the folder's architecture (see
     `model_folder.finetune_model_config` for which ModelConfig bindings still apply); an
-    `hf:ORG/NAME` INIT_FROM becomes the model folder it imports to (`hub.imported_model_folder`).
+    `hf:ORG/NAME` INIT_FROM becomes the model folder it imports to (`hub_folder`).
     """
     train = TrainConfig()
     if hub.is_hub_name(train.init_from):
-        train = dataclasses.replace(train, init_from=str(hub.imported_model_folder(train.init_from)))
+        train = dataclasses.replace(train, init_from=str(hub_folder.hub_model_folder(train.init_from)))
     model = ModelConfig()
     if model_folder.is_model_folder(train.init_from):
         model = model_folder.finetune_model_config(

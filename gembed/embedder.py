@@ -3,31 +3,37 @@
 Texts are sorted by token length and padded to a few bucket lengths (four per octave: 16, 32, 48,
 64, 80, ...), and batches are padded to `batch_size` rows, so only a handful of shapes is ever
 compiled however many calls. Each batch is dispatched before the previous one is read back, so
-the host prepares batch i+1 while the device computes batch i.
+the host prepares batch i+1 while the device computes batch i. An `Embedder` is built from a
+model folder (`gembed.load`) or a training CKPT (`gembed.workdir.read_checkpoint_model`); it reads
+no files itself.
 """
 from __future__ import annotations
 
-import json
-import pathlib
+import functools
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 import tqdm
 
-from gembed import checkpoint
 from gembed.data.batching import bucket_length
-from gembed.data.tokenizer_files import open_tokenizer
-from gembed.errors import GembedUserError
-from gembed.evaluation.mteb_adapter import MtebEncoderMixin
-from gembed.model import EmbeddingModel, ModelConfig, init_params
+from gembed.model import EmbeddingModel, ModelConfig
+from gembed.mteb_protocol import MtebEncoderMixin
 
 BUCKETS_PER_OCTAVE = 4   # from 64 tokens up padding waste <= 25% (vs 100% for powers of two)
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_function(model_config: ModelConfig):
+    """The jitted forward pass of a model config, shared by every Embedder of that config."""
+    module = EmbeddingModel(model_config)
+    return jax.jit(lambda params, ids, mask: module.apply({"params": params}, ids, mask))
+
 
 class Embedder(MtebEncoderMixin):
     """A trained model ready to embed text: params, model config, tokenizer and max length.
 
-    Also an MTEB 2.x encoder (see `gembed.evaluation.mteb_adapter`).
+    Also an MTEB 2.x encoder (see `gembed.mteb_protocol`).
     """
 
     def __init__(self, model_config: ModelConfig, params: Any, tokenizer, max_length: int,
@@ -37,8 +43,13 @@ class Embedder(MtebEncoderMixin):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.task_prompts = dict(task_prompts or {})
-        module = EmbeddingModel(model_config)
-        self._embed = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
+        self._embed = _embed_function(model_config)
+
+    @classmethod
+    def of(cls, model) -> "Embedder":
+        """The Embedder of a read model: a `ModelFolder` or a `workdir.CheckpointModel`."""
+        return cls(model.model_config, jax.device_put(model.params), model.tokenizer,
+                   model.max_length, model.task_prompts)
 
     @property
     def embedding_size(self) -> int:
@@ -85,49 +96,3 @@ class Embedder(MtebEncoderMixin):
             read_back(*in_flight)
         norms = np.linalg.norm(output, axis=1, keepdims=True)
         return output / np.maximum(norms, 1e-12)
-
-
-def recorded_max_length(workdir) -> int:
-    """The max length (tokens per text) a training workdir recorded in its embedder.json."""
-    from gembed.train import EMBEDDER_FILE
-
-    path = pathlib.Path(workdir) / EMBEDDER_FILE
-    if not path.is_file():
-        raise GembedUserError(f"{path}: missing (a run older than this gembed version); "
-                              f"pass --max_length, the MAX_LENGTH the run trained with.")
-    return int(json.loads(path.read_text())["max_length"])
-
-
-def load_params(ref: checkpoint.CheckpointRef) -> tuple[ModelConfig, Any]:
-    """The model config (the workdir's model_config.json) and params of a resolved CKPT."""
-    config_dict = json.loads((ref.workdir / "model_config.json").read_text())
-    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in config_dict.items()})
-    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
-    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return model_config, checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
-
-
-def load_checkpoint(path, max_length: int | None = None) -> Embedder:
-    """An Embedder from a training CKPT (a workdir, its latest step, or one step folder).
-
-    The params come from the checkpoint; the model config, tokenizer, task prompts and (unless
-    `max_length` is given) the max length from the workdir's model_config.json, tokenizer files,
-    task_prompts.json and embedder.json.
-    """
-    ref = checkpoint.resolve(path)
-    model_config, params = load_params(ref)
-    tokenizer = open_tokenizer(ref.workdir)
-    prompts_file = ref.workdir / "task_prompts.json"
-    prompts = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
-    max_length = max_length or recorded_max_length(ref.workdir)
-    return Embedder(model_config, params, tokenizer, max_length, task_prompts=prompts)
-
-
-def load_embedder(path, max_length: int | None = None) -> Embedder:
-    """An Embedder from a model folder (`gembed.load`) or a training CKPT (`load_checkpoint`)."""
-    from gembed import load, model_folder
-
-    if model_folder.is_model_folder(path):
-        return load(path)
-    return load_checkpoint(path, max_length=max_length)

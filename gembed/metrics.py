@@ -1,4 +1,5 @@
-"""Training metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events.
+"""Training metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, and
+the throughput of the steps between two log lines.
 
 Only process 0 writes. On resume, lines logged after the restored checkpoint (by a run that was
 killed later) are dropped first, so the file reads as if the run had never been interrupted.
@@ -8,9 +9,46 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 
 import jax
 from tensorboardX import SummaryWriter
+
+from gembed import workdir as workdir_files
+
+
+class ThroughputMeter:
+    """Examples/s, model FLOP/s and MFU of the steps since the last `flush`.
+
+    `peak_flops` is the whole system's (`gembed.flops.system_peak`); each process counts the model
+    FLOPs of its own rows and scales them by the process count (hosts' rows differ little).
+    """
+
+    def __init__(self, batch_size: int, peak_flops: float):
+        self._batch_size, self._peak_flops = batch_size, peak_flops
+        self._reset()
+
+    def _reset(self) -> None:
+        self._start, self._steps, self._flops = time.perf_counter(), 0, 0.0
+
+    def add_step(self, model_flops: float) -> None:
+        """Counts one step whose rows (this process's) cost `model_flops`."""
+        self._steps += 1
+        self._flops += model_flops
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of non-training work (evaluation) out of the window."""
+        self._start += seconds
+
+    def flush(self) -> dict[str, float]:
+        """{"examples_per_second", "model_flops_per_second", "mfu"} of the window; resets it."""
+        elapsed = time.perf_counter() - self._start
+        model_flops_per_second = self._flops * jax.process_count() / elapsed
+        values = {"examples_per_second": self._steps * self._batch_size / elapsed,
+                  "model_flops_per_second": model_flops_per_second,
+                  "mfu": model_flops_per_second / self._peak_flops}
+        self._reset()
+        return values
 
 
 class MetricsWriter:
@@ -18,12 +56,12 @@ class MetricsWriter:
 
     def __init__(self, workdir: os.PathLike, resume_step: int):
         self._enabled = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = pathlib.Path(workdir) / workdir_files.METRICS_FILE
         if not self._enabled:
             return
         self._drop_lines_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+        self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / workdir_files.TENSORBOARD_DIR))
 
     def _drop_lines_after(self, step: int) -> None:
         if not self.path.exists():

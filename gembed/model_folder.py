@@ -1,4 +1,4 @@
-"""The model folder (CONTRACT.md): what `gembed import` and `gembed export` write and `gembed.load` reads.
+"""The model folder: what `gembed import` and `gembed export` write and `gembed.load` reads.
 
     gembed_config.json   format_version, the ModelConfig fields, output sizes, task prompts,
                          max length, tokenizer kind + files, source info
@@ -25,6 +25,7 @@ import numpy as np
 import safetensors
 import safetensors.flax
 import safetensors.numpy
+from flax import traverse_util
 
 from gembed.data.tokenizer_files import TOKENIZER_FILES, open_tokenizer, save_tokenizer
 from gembed.errors import GembedUserError
@@ -56,31 +57,6 @@ def is_model_folder(path: str | os.PathLike | None) -> bool:
     return path is not None and (pathlib.Path(path) / CONFIG_FILE).is_file()
 
 
-def flatten_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Nested params -> {"a/b/c": float32 array}."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat["/".join(str(key.key) for key in path)] = np.asarray(leaf, np.float32)
-    return flat
-
-
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-    """{"a/b/c": array} -> nested params."""
-    params: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return params
-
-
-def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from its JSON fields (lists become tuples)."""
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
 def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, params: Any, tokenizer,
                        max_length: int, task_prompts: dict[str, str] | None = None,
                        source: dict[str, Any] | None = None,
@@ -98,7 +74,8 @@ def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, param
     path.mkdir(parents=True, exist_ok=True)
     check_params(model_config, params, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).unlink(missing_ok=True)
-    flat = flatten_params(params)
+    flat = {name: np.asarray(value, np.float32)
+            for name, value in traverse_util.flatten_dict(params, sep="/").items()}
     if weights_dtype == "bfloat16":
         safetensors.flax.save_file({name: jnp.asarray(value, jnp.bfloat16) for name, value in flat.items()},
                                    str(path / WEIGHTS_FILE), metadata={"format": "gembed"})
@@ -107,7 +84,7 @@ def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, param
     save_tokenizer(tokenizer, path)
     config = {
         "format_version": FORMAT_VERSION,
-        "model": dataclasses.asdict(model_config),
+        "model": model_config.to_dict(),
         "output_sizes": list(model_config.output_sizes or (model_config.embedding_size,)),
         "max_length": max_length,
         "weights_dtype": weights_dtype,
@@ -123,20 +100,16 @@ def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, param
 
 def check_params(model_config: ModelConfig, params: Any, where: pathlib.Path) -> None:
     """Raises a GembedUserError unless `params` has exactly the names and shapes of the model."""
-    expected = {name: tuple(shape.shape) for name, shape in flatten_abstract(model_config).items()}
-    actual = {name: tuple(np.shape(value)) for name, value in flatten_params(params).items()}
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+    expected = {name: tuple(leaf.shape)
+                for name, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
+    actual = {name: tuple(np.shape(value))
+              for name, value in traverse_util.flatten_dict(params, sep="/").items()}
     for name in sorted(expected.keys() | actual.keys()):
         if expected.get(name) != actual.get(name):
             raise GembedUserError(
                 f"{where}: param {name} has shape {actual.get(name)} but the model config wants "
                 f"{expected.get(name)} (None = absent); the folder is corrupt, {MAKE_ONE} again.")
-
-
-def flatten_abstract(model_config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """{"/"-joined name: ShapeDtypeStruct} of the model's params, without computing any."""
-    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
-    return {"/".join(str(key.key) for key in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
 
 
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
@@ -160,8 +133,8 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     config_path = pathlib.Path(path).resolve() / CONFIG_FILE
     config = _read_config(config_path.parent)
     try:
-        return model_config_from_dict(config["model"])
-    except (KeyError, TypeError) as e:
+        return ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, AttributeError) as e:
         raise GembedUserError(
             f"{config_path}: missing or invalid field ({e}); {MAKE_ONE} again.") from None
 
@@ -212,7 +185,7 @@ def read_model_folder(path: str | os.PathLike) -> ModelFolder:
         raise GembedUserError(
             f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
             f"{MAKE_ONE} again.") from None
-    params = unflatten_params(flat)
+    params = traverse_util.unflatten_dict(flat, sep="/")
     check_params(model_config, params, weights_path)
     return ModelFolder(path=path, model_config=model_config, params=params,
                        tokenizer=open_tokenizer(path, tokenizer_kind), max_length=max_length,

@@ -11,7 +11,7 @@ import jax
 
 from gembed.config import LossConfig
 from gembed.data.batching import FIRST_NEGATIVE_SLOT, POSITIVE_SLOT, QUERY_SLOT
-from gembed.losses import contrastive_loss
+from gembed.losses.contrastive import contrastive_loss
 from gembed.model import EmbeddingModel, ModelConfig
 
 
@@ -58,7 +58,7 @@ def embeddings_loss(params, embeddings, batch, model_config: ModelConfig,
         negative_keys=None if keys is None or not has_negatives else keys[:, FIRST_NEGATIVE_SLOT:],
         symmetric=loss_config.symmetric, same_tower=loss_config.same_tower,
         output_sizes=model_config.output_sizes, max_scale=loss_config.max_scale,
-        row_tile=row_tile)
+        row_tile=row_tile, false_negative_margin=loss_config.false_negative_margin)
 
 
 def batch_loss(params, batch, rng, model_config: ModelConfig, loss_config: LossConfig):

@@ -28,7 +28,12 @@ from typing import Any, Callable, Sequence
 
 import gin
 
+import gembed
+from gembed import config, train
 from gembed.errors import GembedUserError
+from gembed.evaluation import tasks
+from gembed.export import export
+from gembed.soup import make_soup
 
 STAGES_DIR = "stages"   # DIR/stages/<stage>.json marks a complete stage
 RESULTS_FILE = "results.json"
@@ -76,17 +81,13 @@ class Recipe:
         for ok, message in checks:
             if not ok:
                 raise GembedUserError(f"{message}; fix the recipe gin file or --gin_param.")
-        from gembed.evaluation.tasks import parse_task_list
-
-        parse_task_list([self.soup_task, *self.eval_tasks])   # typos fail before any training
+        tasks.parse_task_list([self.soup_task, *self.eval_tasks])   # typos fail before any training
 
 
 def train_stage(workdir: str | os.PathLike, gin_files: Sequence[str], gin_params: Sequence[str] = (),
                 show_progress: bool | None = None) -> dict:
     """`gembed train` from Python: trains (or resumes) one stage in `workdir` configured by gin
     files and `NAME=VALUE` params, then clears the gin config; returns the last logged metrics."""
-    from gembed import config, train
-
     try:
         config.parse_gin(gin_files, gin_params)
         return train.train(workdir, config.build_stage_config(), show_progress=show_progress)
@@ -142,9 +143,6 @@ class Runner:
 
     def run(self) -> dict[str, dict[str, dict[str, float]]]:
         """All stages; returns {row: {task: scores}} of the eval stage."""
-        from gembed.export import export
-        from gembed.soup import make_soup
-
         recipe = self.recipe
         init_from = recipe.init_from
         if recipe.prefinetune_gin_files:
@@ -175,12 +173,9 @@ class Runner:
         return json.loads((eval_dir / RESULTS_FILE).read_text())
 
     def _evaluate(self, rows: dict[str, str], path: pathlib.Path) -> None:
-        from gembed.embedder import load_embedder
-        from gembed.evaluation import tasks
-
         results = {}
         for row, location in rows.items():
-            results[row] = tasks.evaluate(load_embedder(location), self.recipe.eval_tasks,
+            results[row] = tasks.evaluate(gembed.load(location), self.recipe.eval_tasks,
                                           data_dir=self.recipe.data_dir,
                                           batch_size=self.recipe.eval_batch_size, log=self.log)
         path.mkdir(parents=True, exist_ok=True)
@@ -201,8 +196,6 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def run_recipe(gin_file: str, gin_params: list[str], workdir: str | os.PathLike) -> str:
     """Parses the recipe, runs it in `workdir` (DIR/recipe.gin records it), returns the table."""
-    from gembed import config
-
     config.parse_gin([gin_file], gin_params)
     try:
         recipe = Recipe()

@@ -6,8 +6,7 @@ sum, and dropped, so memory holds the sum plus one ingredient. Every param is av
 learnable temperature `log_scale` included. The output is a folder every CKPT reader accepts:
 
     DIR/checkpoints/0/params   orbax, params only: the average, cast back to the params' dtype
-    DIR/model_config.json, DIR/task_prompts.json, DIR/embedder.json, tokenizer file(s)
-                               those of the first ingredient
+    the first ingredient's workdir files that inference reads (`workdir.INFERENCE_FILES`)
     DIR/soup.json              method, eval task, each ingredient's checkpoint and score, which
                                ones were kept, and the soup's score; written last
 
@@ -26,24 +25,24 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-from gembed import checkpoint
+from gembed import checkpoint, workdir
 from gembed.data.tokenizer_files import TOKENIZER_FILES
-from gembed.embedder import load_checkpoint, load_params
+from gembed.embedder import Embedder
 from gembed.errors import GembedUserError
-from gembed.model_folder import TRAINING_FIELDS, unflatten_params
-from gembed.train import EMBEDDER_FILE, TASK_PROMPTS_FILE
+from gembed.evaluation import tasks
+from gembed.model_folder import TRAINING_FIELDS
 
 SOUP_FILE = "soup.json"
 METHODS = ("uniform", "greedy")
 SOUP_STEP = 0
-COPIED_FILES = ("model_config.json", TASK_PROMPTS_FILE, EMBEDDER_FILE)
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
     """{"/"-joined name: NumPy array in its own dtype} of a params pytree."""
-    return {"/".join(str(key.key) for key in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {name: np.asarray(leaf)
+            for name, leaf in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def _signature(array: np.ndarray | None) -> str:
@@ -58,7 +57,8 @@ class Ingredients:
         if not checkpoints:
             raise GembedUserError("no CKPT given; name at least one checkpoint to soup.")
         self.refs = [checkpoint.resolve(path) for path in checkpoints]
-        self.model_config, first_params = load_params(self.refs[0])
+        self.model_config = workdir.read_model_config(self.refs[0].workdir)
+        first_params = workdir.restore_params(self.refs[0], self.model_config)
         self._reference = {name: _signature(value)
                            for name, value in flat_params(first_params).items()}
         self._check_tokenizers()
@@ -76,8 +76,8 @@ class Ingredients:
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The params of ingredient `index`, flat, after checking them against ingredient 0."""
         ref = self.refs[index]
-        model_config, params = load_params(ref)
-        flat = flat_params(params)
+        model_config = workdir.read_model_config(ref.workdir)
+        flat = flat_params(workdir.restore_params(ref, model_config))
         for name in sorted(self._reference.keys() | flat.keys()):
             first, this = self._reference.get(name, "absent"), _signature(flat.get(name))
             if first != this:
@@ -89,7 +89,7 @@ class Ingredients:
             a, b = getattr(self.model_config, field.name), getattr(model_config, field.name)
             if field.name not in TRAINING_FIELDS and a != b:
                 raise GembedUserError(
-                    f"{self.refs[0].workdir} and {ref.workdir}: model_config.json differs in "
+                    f"{self.refs[0].workdir} and {ref.workdir}: {workdir.ARCHITECTURE_FILE} differs in "
                     f"{field.name} ({a!r} vs {b!r}); soup only runs of one architecture.")
         return flat
 
@@ -120,16 +120,13 @@ class Scorer:
 
     def __init__(self, first: checkpoint.CheckpointRef, task: str, data_dir=None,
                  batch_size: int = 64):
-        from gembed.evaluation import tasks
-
         self.task = tasks.parse_task_list([task])[0].name
         self.data_dir, self.batch_size = data_dir, batch_size
-        self.embedder = load_checkpoint(first.step_dir)   # its tokenizer, prompts and max length
+        # the first ingredient's tokenizer, prompts and max length
+        self.embedder = Embedder.of(workdir.read_checkpoint_model(first.step_dir))
 
     def __call__(self, flat: dict[str, np.ndarray]) -> float:
-        from gembed.evaluation import tasks
-
-        self.embedder.params = jax.device_put(unflatten_params(flat))
+        self.embedder.params = jax.device_put(traverse_util.unflatten_dict(flat, sep="/"))
         skipped: dict[str, str] = {}
         results = tasks.evaluate(self.embedder, [self.task], data_dir=self.data_dir,
                                  batch_size=self.batch_size, skipped=skipped, log=lambda _: None)
@@ -192,9 +189,9 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
         mean, scores, kept = uniform_soup(ingredients, scorer)
     soup_score = scorer(mean) if scorer is not None else None
     output.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_params(output, SOUP_STEP, unflatten_params(mean))
+    checkpoint.save_params(output, SOUP_STEP, traverse_util.unflatten_dict(mean, sep="/"))
     source = ingredients.refs[0].workdir
-    for name in COPIED_FILES + tuple(n for files in TOKENIZER_FILES.values() for n in files):
+    for name in workdir.INFERENCE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, output / name)
     record = {

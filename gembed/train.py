@@ -1,19 +1,18 @@
 """The training stage: TrainState, the pure jitted train step, and the loop around it.
 
-Restore order (DESIGN.md habit 9): the workdir's own latest checkpoint (resume), else INIT_FROM
-(params only), else a fresh init from SEED. Per-step randomness is `fold_in(rng, step)`, and the data
-order is a function of the step, so a resumed run repeats an uninterrupted one exactly.
+Restore order: the workdir's own latest checkpoint (resume), else INIT_FROM (params only), else a
+fresh init from SEED. Per-step randomness is `fold_in(rng, step)`, and the data order is a function
+of the step, so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import re
 import sys
-import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -23,21 +22,18 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import checkpoint, flops, gradcache, model_folder, sharding
+from gembed import checkpoint, flops, gradcache, model_folder, sharding, workdir as workdir_files
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_length
 from gembed.data.jsonl import SkippedLines
-from gembed.data.mixture import load_datasets
+from gembed.data.mixture import TrainingDataset, load_datasets
 from gembed.data.workdir_tokenizer import prepare_tokenizer
 from gembed.errors import GembedUserError
 from gembed.evaluation.during_training import TrainingEvaluator
-from gembed.metrics import MetricsWriter
+from gembed.metrics import MetricsWriter, ThroughputMeter
 from gembed.model import ModelConfig, init_params
 from gembed.objective import batch_loss
 
-
-TASK_PROMPTS_FILE = "task_prompts.json"   # {dataset name: query prompt}, for the Embedder
-EMBEDDER_FILE = "embedder.json"           # {"max_length": TrainConfig.max_length}, for the Embedder
 TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
 
 
@@ -61,11 +57,6 @@ class TrainState:
                    opt_state=items["opt_state"], rng=items["loop"]["rng"])
 
 
-def param_name(path) -> str:
-    """The "/"-joined name of a param from its pytree key path."""
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     warmup = min(config.warmup_steps, config.train_steps)
     return optax.warmup_cosine_decay_schedule(
@@ -80,7 +71,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not pattern.search(param_name(path)), params)
+            lambda path, _: not pattern.search(jax.tree_util.keystr(path, simple=True, separator="/")),
+            params)
 
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                         eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask)
@@ -126,10 +118,29 @@ def state_shardings(stage: StageConfig, optimizer, mesh) -> TrainState:
     return sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
 
 
-def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, shardings) -> TrainState:
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """What INIT_FROM gives a new run: a tokenizer folder, and its params placed on shardings."""
+
+    tokenizer_dir: pathlib.Path
+    restore_params: Callable[[Any], Any]   # abstract params (with shardings) -> params
+
+
+def resolve_init_from(path: str) -> InitFrom:
+    """INIT_FROM as a model folder (params read on the host, then placed) or a CKPT (restored
+    by orbax straight onto the shardings)."""
+    if model_folder.is_model_folder(path):
+        folder = model_folder.read_model_folder(path)
+        return InitFrom(folder.path, lambda abstract: sharding.put(
+            folder.params, jax.tree.map(lambda leaf: leaf.sharding, abstract)))
+    ref = checkpoint.resolve(path, role="INIT_FROM")
+    return InitFrom(ref.workdir, functools.partial(checkpoint.restore_params, ref))
+
+
+def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom | None,
+                    shardings) -> TrainState:
     """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
 
-    `init_ref`: a checkpoint (CheckpointRef), a read model folder (ModelFolder), or None.
     `shardings`: the TrainState of NamedShardings every leaf is placed with.
     """
     make = functools.partial(init_state, stage.model, optimizer, stage.train.seed)
@@ -139,45 +150,35 @@ def _restore_or_init(stage: StageConfig, optimizer, manager, init_ref, shardings
     if latest is not None:
         return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()))
     state = jax.jit(make, out_shardings=shardings)()
-    if init_ref is not None:
-        params = (sharding.put(init_ref.params, shardings.params)
-                  if isinstance(init_ref, model_folder.ModelFolder) else
-                  checkpoint.restore_params(init_ref, abstract.params))
+    if init_from is not None:
+        params = init_from.restore_params(abstract.params)
         state = dataclasses.replace(state, params=params, opt_state=jax.jit(
             optimizer.init, out_shardings=shardings.opt_state)(params))
     return state
 
 
-def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool | None = None) -> dict:
-    """Runs (or resumes) one training stage in `workdir`; returns the last logged metrics."""
-    workdir = pathlib.Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = stage.train
-    mesh = sharding.make_mesh(stage.sharding.model_parallelism)
-    sharding.check_global_batch(config.batch_size, mesh)
-    if config.chunk_size is not None:
-        gradcache.check_chunk_size(config.batch_size, config.chunk_size,
-                                   mesh.shape[sharding.DATA_AXIS])
+def load_training_data(config: TrainConfig) -> tuple[list[TrainingDataset], SkippedLines | None]:
+    """The mixture's datasets, and the bad lines skipped (when skip_bad_examples)."""
     skipped = SkippedLines() if config.skip_bad_examples else None
     datasets = load_datasets(config.dataset_specs, "train", max_text_chars=config.max_text_chars,
                              skipped=skipped)
     if skipped and skipped.count and jax.process_index() == 0:
         print(f"gembed: skipped {skipped.count} bad training lines (skip_bad_examples=True); "
               f"first: {skipped.first_error}", file=sys.stderr)
-    manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
-    resuming = manager.latest_step() is not None
-    init_ref = None
-    if config.init_from and not resuming:
-        init_ref = (model_folder.read_model_folder(config.init_from)
-                    if model_folder.is_model_folder(config.init_from)
-                    else checkpoint.resolve(config.init_from, role="INIT_FROM"))
-    tokenizer_sample = [example for dataset in datasets
-                        for example in dataset.examples[:TOKENIZER_EXAMPLES // len(datasets)]]
+    return datasets, skipped
+
+
+def workdir_tokenizer(workdir: pathlib.Path, stage: StageConfig,
+                      datasets: list[TrainingDataset], init_from: InitFrom | None):
+    """The run's tokenizer (see `prepare_tokenizer`); process 0 writes it, the others wait and
+    read it. Its vocabulary must fit the model's embedding table."""
+    sample = [example for dataset in datasets
+              for example in dataset.examples[:TOKENIZER_EXAMPLES // len(datasets)]]
     prepare = functools.partial(
-        prepare_tokenizer, workdir, tokenizer=config.tokenizer, vocab_size=stage.model.vocab_size,
-        examples=tokenizer_sample,
-        init_from_dir=getattr(init_ref, "workdir", getattr(init_ref, "path", None)))
-    if jax.process_count() > 1:   # process 0 writes the workdir's tokenizer; the others read it
+        prepare_tokenizer, workdir, tokenizer=stage.train.tokenizer,
+        vocab_size=stage.model.vocab_size, examples=sample,
+        init_from_dir=init_from.tokenizer_dir if init_from else None)
+    if jax.process_count() > 1:
         if jax.process_index() == 0:
             prepare()
         multihost_utils.sync_global_devices("gembed: workdir tokenizer written")
@@ -186,6 +187,37 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         raise GembedUserError(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the model's "
             f"vocab_size is {stage.model.vocab_size}; set VOCAB_SIZE to at least the former.")
+    return tokenizer
+
+
+def jit_train_step(stage: StageConfig, optimizer, mesh, shardings):
+    """The jitted train step of the stage: state donated, shardings explicit."""
+    return jax.jit(
+        functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
+                          optimizer=optimizer, schedule=learning_rate_schedule(stage.train),
+                          chunk_size=stage.train.chunk_size, mesh=mesh),
+        in_shardings=(shardings, sharding.batch_sharded(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+
+
+def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool | None = None) -> dict:
+    """Runs (or resumes) one training stage in `workdir`; returns the last logged metrics."""
+    workdir = pathlib.Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = stage.train
+
+    mesh = sharding.make_mesh(stage.sharding.model_parallelism)
+    sharding.check_global_batch(config.batch_size, mesh)
+    if config.chunk_size is not None:
+        gradcache.check_chunk_size(config.batch_size, config.chunk_size,
+                                   mesh.shape[sharding.DATA_AXIS])
+
+    datasets, skipped = load_training_data(config)
+    manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
+    resuming = manager.latest_step() is not None
+    init_from = resolve_init_from(config.init_from) if config.init_from and not resuming else None
+    tokenizer = workdir_tokenizer(workdir, stage, datasets, init_from)
     batches = TrainBatches(
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
@@ -193,70 +225,64 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         length_buckets=config.length_buckets, packing=config.packing)
 
     optimizer = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
     shardings = state_shardings(stage, optimizer, mesh)
-    state = _restore_or_init(stage, optimizer, manager, init_ref, shardings)
-    start_step = int(state.step)
+    state = restore_or_init(stage, optimizer, manager, init_from, shardings)
     if jax.process_index() == 0:
-        write_operative_config(workdir / "config.gin")
-        (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(stage.model)))
-        prompts = {d.spec.name: d.spec.query_prompt for d in datasets if d.spec.query_prompt}
-        (workdir / TASK_PROMPTS_FILE).write_text(json.dumps(prompts, indent=1))
-        (workdir / EMBEDDER_FILE).write_text(json.dumps({"max_length": config.max_length}))
-    step_fn = jax.jit(
-        functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
-                          optimizer=optimizer, schedule=schedule, chunk_size=config.chunk_size,
-                          mesh=mesh),
-        in_shardings=(shardings, sharding.batch_sharded(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0)
-
+        write_operative_config(workdir / workdir_files.CONFIG_GIN)
+        workdir_files.write_run_metadata(
+            workdir, stage.model, max_length=config.max_length,
+            task_prompts={d.spec.name: d.spec.query_prompt for d in datasets if d.spec.query_prompt})
+    step_fn = jit_train_step(stage, optimizer, mesh, shardings)
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
+    try:
+        return _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
+                     tokenizer.pad_id, skipped, show_progress)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: TrainBatches, mesh,
+          manager, evaluator: TrainingEvaluator, pad_id: int, skipped: SkippedLines | None,
+          show_progress: bool | None) -> dict:
+    """Steps from the state's step to TRAIN_STEPS: log every LOG_EVERY steps (and at evaluations
+    and the last step), checkpoint every CHECKPOINT_EVERY steps and at the last."""
+    config = stage.train
+    start_step = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start_step)
-    if jax.process_index() > 0:
-        show_progress = False
+    meter = ThroughputMeter(config.batch_size, flops.system_peak()[0])
+    window = DataWindow(batches)
     progress = tqdm.tqdm(total=config.train_steps, initial=start_step, desc="train",
-                         disable=None if show_progress is None else not show_progress,
+                         disable=True if jax.process_index() > 0 else (
+                             None if show_progress is None else not show_progress),
                          dynamic_ncols=True)
     last: dict = {}
-    window_start, window_steps, window_data = time.perf_counter(), 0, DataWindow(batches)
-    window_flops, peak_flops = 0.0, flops.system_peak()[0]
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
-            host_batch = pad_to_common_length(next(host_batches), tokenizer.pad_id)
+            host_batch = pad_to_common_length(next(host_batches), pad_id)
             state, metrics = step_fn(state, sharding.place_batch(host_batch, mesh))
-            window_data.add(step)
-            window_flops += flops.train_flops(stage.model, flops.text_lengths(host_batch))
-            done, window_steps = step + 1, window_steps + 1
+            window.add(step)
+            meter.add_step(flops.train_flops(stage.model, flops.text_lengths(host_batch)))
+            done = step + 1
             eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
-            window_start += evaluator.last_seconds   # evaluation time is not training throughput
+            meter.exclude(evaluator.last_seconds)   # evaluation time is not training throughput
             if eval_values or done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-                values.update(eval_values)
-                elapsed = time.perf_counter() - window_start
-                values["examples_per_second"] = window_steps * config.batch_size / elapsed
-                # this process's rows x processes (hosts' rows differ little in length)
-                values["model_flops_per_second"] = window_flops * jax.process_count() / elapsed
-                values["mfu"] = values["model_flops_per_second"] / peak_flops
-                values.update(window_data.flush())
+                values.update(eval_values, **meter.flush(), **window.flush())
                 if skipped is not None:
                     values["skipped_examples"] = skipped.count
                 writer.write(done, values)
                 progress.set_postfix(loss=f"{values['loss']:.4f}",
                                      temperature=f"{values['temperature']:.4f}")
                 last = {"step": done, **values}
-                window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
             if done % config.checkpoint_every == 0 or done == config.train_steps:
                 checkpoint.save(manager, done, state.items())
             progress.update(1)
     finally:
-        manager.wait_until_finished()
-        manager.close()
         writer.close()
         progress.close()
     if not math.isfinite(last.get("loss", 0.0)):
         raise FloatingPointError(f"training diverged: loss {last['loss']} at step {last['step']}")
     return last
-

@@ -1,26 +1,60 @@
-"""XLA:CPU settings gembed runs with, added to XLA_FLAGS when gembed is imported.
+"""XLA:CPU settings the `gembed` command runs with (importing gembed sets nothing).
 
-`--xla_cpu_experimental_ynn_fusion_type=-individual_dot` hands plain and batched matmuls to
-XLA's Eigen kernels instead of YNNPACK: MiniLM's training step is 5-10% faster with it on a
-2-core AMD EPYC (paired runs of the train step), and the other
-YNNPACK fusions stay on. The flag is known to jaxlib 0.10.2, the version setup.py pins.
-
-A flag already present in XLA_FLAGS is left as the user set it. XLA reads XLA_FLAGS when its
-first backend starts, so this has no effect in a process that ran JAX computations before
-importing gembed.
+`--xla_cpu_experimental_ynn_fusion_type=-individual_dot` hands plain and batched matmuls to XLA's
+Eigen kernels instead of YNNPACK, which made MiniLM's training step and encode faster on the
+project's 2-core AVX2 machine (README, "Speed"); the other YNNPACK fusions stay on. It is an
+experimental flag, and XLA aborts on flags it does not know, so it is added only for the jaxlib
+versions it was tested with, only when JAX will run on the CPU, never over a flag the user set, and
+not at all with GEMBED_XLA_CPU_TUNING=0. XLA reads XLA_FLAGS when its first backend starts: the CLI
+calls `apply` before any JAX computation. From Python, call `gembed.xla_cpu_flags.apply()` before
+the first JAX computation to get the same setting.
 """
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import importlib.util
 import os
 from collections.abc import MutableMapping
 
 TUNED_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_dot"}
+TESTED_JAXLIB_VERSIONS = ("0.10.2",)
+OPT_OUT = "GEMBED_XLA_CPU_TUNING"
 
 
-def add_tuned_flags(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Appends each `TUNED_FLAGS` entry to environ["XLA_FLAGS"] unless that flag is set there."""
+def tpu_chips_attached() -> bool:
+    """libtpu installed and TPU chips attached (/dev/accel*, or /dev/vfio/N on v5e and newer)."""
+    return (importlib.util.find_spec("libtpu") is not None
+            and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
+def runs_on_cpu(environ: MutableMapping[str, str]) -> bool:
+    """Whether JAX's default backend will be the CPU: JAX_PLATFORMS says so, or no GPU plugin is
+    installed and no TPU is attached (libtpu alone, for compile-only plans, does not count)."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+    return not (any(importlib.util.find_spec(name) is not None for name in gpu_plugins)
+                or tpu_chips_attached())
+
+
+def jaxlib_version() -> str | None:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Appends each `TUNED_FLAGS` entry to environ["XLA_FLAGS"] when the conditions in the module
+    docstring hold; returns whether anything may have been added."""
+    if (environ.get(OPT_OUT, "1") == "0" or jaxlib_version() not in TESTED_JAXLIB_VERSIONS
+            or not runs_on_cpu(environ)):
+        return False
     flags = environ.get("XLA_FLAGS", "")
     for name, value in TUNED_FLAGS.items():
         if f"--{name}=" not in flags:
             flags = f"{flags} --{name}={value}".strip()
     environ["XLA_FLAGS"] = flags
+    return True

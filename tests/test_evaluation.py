@@ -430,7 +430,7 @@ def test_eval_config_rejects_unknown_task_before_training(tmp_path, capsys):
 def test_mteb_protocol_encode_reads_dataloader_batches_and_picks_the_task():
     from types import SimpleNamespace
 
-    from gembed.evaluation.mteb_adapter import MtebEncoder
+    from gembed.mteb_protocol import MtebEncoder
 
     inner = HashingEncoder()
     model = MtebEncoder(inner, dim=128, batch_size=8)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gembed import gradcache, sharding
 from gembed.config import LossConfig, TrainConfig
 from gembed.errors import GembedUserError
-from gembed.losses import contrastive_loss, text_keys
+from gembed.losses.contrastive import contrastive_loss, text_keys
 from gembed.model import ModelConfig
 from gembed.objective import batch_loss, embeddings_loss
 from gembed.train import init_state, learning_rate_schedule, make_optimizer, train_step

@@ -26,7 +26,6 @@ from tokenizers.processors import TemplateProcessing
 import gembed
 from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
-from gembed.embedder import load_checkpoint
 from gembed.errors import GembedUserError
 from gembed.model import Encoder, ModelConfig, init_params
 from gembed.model_folder import read_model_folder, write_model_folder
@@ -380,7 +379,7 @@ def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(be
     saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
     assert saved == json.loads((model_dir / "gembed_config.json").read_text())["model"]
     assert (tmp_path / "run" / "tokenizer.json").is_file()
-    finetuned = load_checkpoint(tmp_path / "run", max_length=8)
+    finetuned = gembed.load(tmp_path / "run")
     assert finetuned.tokenizer.encode(TEXTS, 8) == folder.tokenizer.encode(TEXTS, 8)
     start = folder.params["encoder"]["layer_0"]["mlp"]["up"]["kernel"]
     after = np.asarray(finetuned.params["encoder"]["layer_0"]["mlp"]["up"]["kernel"])

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gembed import losses
-from gembed.losses import text_keys
+from gembed.losses import contrastive as losses
+from gembed.losses.contrastive import text_keys
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -20,7 +20,7 @@ LOG_SCALE = math.log(10.0)
 # One compilation per configuration is much faster than op-by-op dispatch.
 contrastive_loss = jax.jit(
     losses.contrastive_loss,
-    static_argnames=("symmetric", "same_tower", "output_sizes", "max_scale"),
+    static_argnames=("symmetric", "same_tower", "output_sizes", "max_scale", "false_negative_margin"),
 )
 
 
@@ -37,6 +37,7 @@ def reference_loss(
     same_tower=False,
     output_sizes=None,
     max_scale=100.0,
+    false_negative_margin=None,
 ):
     """(loss, full-size query->doc accuracy), computed row by row and candidate by candidate."""
     query = np.asarray(query, np.float64)
@@ -53,6 +54,8 @@ def reference_loss(
         return tuple(keys_a[index_a]) == tuple(keys_b[index_b])
 
     def cross_entropy(label_logit, other_logits):
+        if false_negative_margin is not None:   # probable false negatives leave the row
+            other_logits = [x for x in other_logits if x <= label_logit + scale * false_negative_margin]
         logits = [label_logit] + other_logits
         top = max(logits)
         return top + math.log(sum(math.exp(x - top) for x in logits)) - label_logit
@@ -93,6 +96,8 @@ def reference_loss(
                         others.append(logit(q[i], q[j]))
             label = logit(q[i], p[i])
             to_doc.append(cross_entropy(label, others))
+            if false_negative_margin is not None:
+                others = [x for x in others if x <= label + scale * false_negative_margin]
             correct.append(all(label >= other for other in others))
         size_loss = sum(to_doc) / batch
 
@@ -120,7 +125,7 @@ def reference_loss(
         accuracy = reference_loss(
             query, positive, log_scale, negatives, negatives_valid, query_keys,
             positive_keys, negative_keys, symmetric=False, same_tower=same_tower,
-            max_scale=max_scale,
+            max_scale=max_scale, false_negative_margin=false_negative_margin,
         )[1]
     return total, accuracy
 
@@ -154,6 +159,19 @@ def assert_matches_reference(kwargs, log_scale=LOG_SCALE):
 def test_in_batch_matches_reference(symmetric):
     query, positive, _ = random_batch()
     assert_matches_reference(dict(query=query, positive=positive, symmetric=symmetric))
+
+
+@pytest.mark.parametrize("symmetric,same_tower", [(True, True), (False, False)])
+def test_false_negative_mask_matches_reference(symmetric, same_tower):
+    """Candidates scoring above the label by more than the margin leave the row; with this batch
+    some do (the loss differs from the unmasked one) and some stay."""
+    query, positive, negatives = random_batch(batch=6, num_negatives=3, seed=3)
+    negatives[:, 0] = query + 0.05   # near-copies of the query: above their positive
+    kwargs = dict(query=query, positive=positive, negatives=negatives, symmetric=symmetric,
+                  same_tower=same_tower)
+    masked = assert_matches_reference({**kwargs, "false_negative_margin": 0.05})
+    unmasked = assert_matches_reference(kwargs)
+    assert abs(float(masked) - float(unmasked)) > 1e-3
 
 
 def test_hard_negatives_with_padding_matches_reference():

@@ -18,7 +18,7 @@ from gembed.data.examples import Example
 from gembed.data.mixture import DatasetSpec, TrainingDataset
 from gembed.data.tfds_pairs import TfdsExamples, prepare_tfds_pairs
 from gembed.errors import GembedUserError
-from gembed.losses import text_keys
+from gembed.losses.contrastive import text_keys
 from gembed.model import ModelConfig, init_params
 from gembed.objective import batch_loss
 

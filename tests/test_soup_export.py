@@ -19,10 +19,9 @@ import pytest
 import gembed
 from gembed import checkpoint, cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
-from gembed.embedder import load_checkpoint
 from gembed.errors import GembedUserError
-from gembed.model import init_params
-from gembed.model_folder import model_config_from_dict, read_weights
+from gembed.model import ModelConfig, init_params
+from gembed.model_folder import read_weights
 from gembed.recipe import train_stage
 from gembed.soup import flat_params
 
@@ -79,13 +78,13 @@ def corpus(tmp_path_factory):
         shutil.copyfile(corpus["a"] / item, corpus["c"] / item)
     fields = {**json.loads((corpus["a"] / "model_config.json").read_text()), "mlp_dim": 128}
     (corpus["c"] / "model_config.json").write_text(json.dumps(fields))
-    checkpoint.save_params(corpus["c"], 3, init_params(model_config_from_dict(fields),
+    checkpoint.save_params(corpus["c"], 3, init_params(ModelConfig.from_dict(fields),
                                                        jax.random.PRNGKey(0)))
     return corpus
 
 
 def checkpoint_params(workdir) -> dict[str, np.ndarray]:
-    return flat_params(load_checkpoint(workdir).params)
+    return flat_params(gembed.load(workdir).params)
 
 
 def error_line(capsys, args) -> str:
@@ -147,7 +146,7 @@ def test_mismatched_soups_exit_2_naming_param_or_tokenizer(corpus, tmp_path, cap
 
 
 def test_export_embeds_like_the_training_encoder_in_float32_and_bfloat16(corpus, tmp_path):
-    reference = load_checkpoint(corpus["a"]).encode(TEXTS)
+    reference = gembed.load(corpus["a"]).encode(TEXTS)
     assert cli.main(["export", f"--checkpoint={corpus['a']}", f"--output={tmp_path / 'f32'}"]) == 0
     model = gembed.load(tmp_path / "f32")
     assert model.max_length == 16

@@ -23,7 +23,8 @@ import pytest
 from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.data.tokenizer_files import open_tokenizer
-from gembed.embedder import Embedder, load_checkpoint
+import gembed
+from gembed.embedder import Embedder
 from gembed.evaluation.pair_retrieval import evaluate_pairs
 from gembed.model import init_params
 
@@ -81,7 +82,7 @@ def test_loss_falls_temperature_moves_and_retrieval_improves(corpus, reference_r
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
     assert abs(metrics[-1]["temperature"] - 0.05) > 1e-5  # tiny.gin: initial_temperature 0.05
     assert all(0 < m["mfu"] < 2 for m in metrics)
-    trained = load_checkpoint(reference_run, max_length=64)
+    trained = gembed.load(reference_run)
     untrained = Embedder(trained.model_config, init_params(trained.model_config, jax.random.PRNGKey(0)),
                          trained.tokenizer, max_length=64)
     assert (evaluate_pairs(trained, corpus["heldout"])["mrr@10"]
@@ -243,7 +244,7 @@ def test_bad_data_exits_2_naming_file_and_line(corpus, reference_run, tmp_path, 
     bad.write_bytes(content)
     line = error_line(capsys, train_args(corpus, reference_run, f"TRAIN_DATA='{bad}'"))
     assert expected in line
-    assert load_checkpoint(reference_run, max_length=64).params is not None
+    assert gembed.load(reference_run).params is not None
 
 
 def test_skip_bad_examples_counts_them(corpus, tmp_path):
@@ -273,4 +274,4 @@ def test_unknown_gin_binding_and_missing_init_from_exit_2(corpus, reference_run,
     assert "ModelConfig.pooling='maen'" in line
     line = error_line(capsys, ["train", "--gin_file=no_such.gin", f"--workdir={tmp_path}"])
     assert "no_such.gin" in line
-    assert load_checkpoint(reference_run, max_length=64).params is not None
+    assert gembed.load(reference_run).params is not None

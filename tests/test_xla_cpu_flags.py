@@ -1,24 +1,35 @@
-"""gembed's XLA:CPU flags: added to XLA_FLAGS on import, never over a flag the user set."""
+"""The CLI's XLA:CPU flags: never set by importing gembed, never over a flag the user set, only for
+tested jaxlib versions on the CPU, and not with the opt-out."""
 import os
+import subprocess
+import sys
 
-import gembed  # noqa: F401  (its import adds the flags to this process's XLA_FLAGS)
-from gembed.xla_cpu_flags import TUNED_FLAGS, add_tuned_flags
+from gembed import xla_cpu_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def test_tuned_flags_are_appended_to_the_users_flags():
-    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    add_tuned_flags(environ)
+def test_importing_gembed_leaves_xla_flags_alone():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", "import os, gembed; print(os.environ.get('XLA_FLAGS'))"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
+def test_flags_are_appended_to_the_users_and_never_replace_them(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "0.10.2")
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    assert xla_cpu_flags.apply(environ)
     assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN}=-individual_dot"
-    assert TUNED_FLAGS == {YNN[2:]: "-individual_dot"}
-    assert f"{YNN}=" in os.environ["XLA_FLAGS"]
+    own = {"XLA_FLAGS": f"{YNN}=+eltwise", "JAX_PLATFORMS": "cpu"}
+    xla_cpu_flags.apply(own)
+    assert own["XLA_FLAGS"] == f"{YNN}=+eltwise"
 
 
-def test_a_flag_the_user_set_is_kept():
-    environ = {"XLA_FLAGS": f"{YNN}=+eltwise"}
-    add_tuned_flags(environ)
-    assert environ == {"XLA_FLAGS": f"{YNN}=+eltwise"}
-    empty = {}
-    add_tuned_flags(empty)
-    assert empty == {"XLA_FLAGS": f"{YNN}=-individual_dot"}
+def test_no_flags_for_untested_jaxlib_other_platforms_or_opt_out(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "0.10.2")
+    for environ in ({"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "cpu", "GEMBED_XLA_CPU_TUNING": "0"}):
+        assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ
+    monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "99.0")
+    environ = {"JAX_PLATFORMS": "cpu"}
+    assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ

@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
+from flax import traverse_util
 
+from gembed import model_folder, workdir
 from gembed.convert.families import to_transformers
 from gembed.convert.model_card import ModelCard, model_card, provenance
 from gembed.convert.transformers_tokenizer import write_transformers_tokenizer
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
-from gembed.model_folder import flatten_params
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 POOLING_MODES = {"first": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
@@ -81,7 +82,8 @@ def write_sentence_transformers(output: pathlib.Path, model: ModelConfig, params
         **{mode: mode == POOLING_MODES[model.pooling] for mode in ALL_POOLING_MODES},
         "include_prompt": True})
     if model.projection_dim is not None:
-        projection = flatten_params(params["projection"])
+        projection = {name: np.asarray(value, np.float32) for name, value in
+                      traverse_util.flatten_dict(params["projection"], sep="/").items()}
         dense = {"linear.weight": np.ascontiguousarray(projection["kernel"].T)}
         if "bias" in projection:
             dense["linear.bias"] = projection["bias"]
@@ -107,21 +109,23 @@ def export_sentence_transformers(source: str | os.PathLike, output: str | os.Pat
                                  max_length: int | None = None,
                                  eval_results: str | os.PathLike | None = None) -> pathlib.Path:
     """Writes the sentence-transformers folder of a CKPT or model folder at `output` (absent or
-    empty); returns its path. `eval_results`: a `gembed eval --output` JSON for the card
-    (default: the recipe's DIR/eval/results.json row of `source`, when there is one)."""
-    from gembed.embedder import load_embedder
-
+    empty); returns its path. `max_length` overrides the recorded one; `eval_results`: a
+    `gembed eval --output` JSON for the card (default: the recipe's DIR/eval/results.json row of
+    `source`, when there is one)."""
     output = pathlib.Path(output).resolve()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise GembedUserError(f"{output}: --output exists and is not empty; choose a new folder.")
-    embedder = load_embedder(source, max_length=max_length)
+    if model_folder.is_model_folder(source):
+        model = model_folder.read_model_folder(source)
+        model = dataclasses.replace(model, max_length=max_length or model.max_length)
+    else:
+        model = workdir.read_checkpoint_model(source, max_length=max_length)
     card = dataclasses.replace(provenance(pathlib.Path(source), eval_results), name=output.name)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
-        write_sentence_transformers(staging, embedder.model_config, embedder.params,
-                                    embedder.tokenizer,
-                                    embedder.max_length, embedder.task_prompts, card)
+        write_sentence_transformers(staging, model.model_config, model.params, model.tokenizer,
+                                    model.max_length, model.task_prompts, card)
         if output.exists():
             output.rmdir()
         os.replace(staging, output)

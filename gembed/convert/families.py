@@ -11,12 +11,12 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from gembed.convert import bert, decoder
 from gembed.convert.weight_table import Family, export_encoder
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
-from gembed.model_folder import flatten_params
 
 FAMILIES = (bert.BERT, bert.MEGATRON_BERT, decoder.LLAMA, decoder.QWEN2, decoder.GEMMA)
 # Not architecture: the head (pooling, projection, Matryoshka sizes) and training-only choices.
@@ -51,7 +51,7 @@ def to_transformers(model: ModelConfig, encoder_params: Any, where: pathlib.Path
     tensor for every param, else among all).
     """
     wanted = architecture(model)
-    params = list(flatten_params(encoder_params))
+    params = list(traverse_util.flatten_dict(encoder_params, sep="/"))
     differences, unmapped_families = {}, set()
     for family in FAMILIES:
         unmapped = [param for param in params if not family.has_row(param)]

@@ -4,8 +4,7 @@ A name resolves, in order, to the model's snapshot in the Hugging Face cache (no
 model folder an installed weights package carries (`WEIGHTS_PACKAGES`; only when no REVISION is
 asked for, since a package carries one unnamed revision), or to a download through
 huggingface_hub. Offline (HF_HUB_OFFLINE=1, or no network) with neither cache nor package, it is
-one user error naming the model. INIT_FROM='hf:...' imports the resolved folder once into a gembed
-model folder under the cache (`cache_dir()`), keyed by the revision it resolved to.
+one user error naming the model.
 """
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import pathlib
-import shutil
-import tempfile
+
+from huggingface_hub import snapshot_download
 
 from gembed.errors import GembedUserError
 
@@ -53,8 +51,6 @@ def parse(spec: str) -> tuple[str, str | None]:
 
 
 def _snapshot(name: str, revision: str | None, local_files_only: bool) -> pathlib.Path:
-    from huggingface_hub import snapshot_download
-
     return pathlib.Path(snapshot_download(name, revision=revision, local_files_only=local_files_only,
                                           allow_patterns=DOWNLOAD_PATTERNS))
 
@@ -91,34 +87,3 @@ def resolve(spec: str) -> HubModel:
             f"{reason}); download it where there is network (`hf download {name}`){packaged}, "
             f"or pass a local model folder.") from None
     return HubModel(name, path, path.name, "download")
-
-
-def cache_dir() -> pathlib.Path:
-    """Where INIT_FROM='hf:...' keeps its imported model folders: $GEMBED_CACHE, else
-    $XDG_CACHE_HOME/gembed (~/.cache/gembed)."""
-    if os.environ.get("GEMBED_CACHE"):
-        return pathlib.Path(os.environ["GEMBED_CACHE"])
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "gembed"
-
-
-def imported_model_folder(spec: str) -> pathlib.Path:
-    """The gembed model folder of `hf:ORG/NAME[@REVISION]` (imported with the defaults of
-    `gembed import` on first use, atomically), for INIT_FROM."""
-    from gembed.convert.importer import import_model
-    from gembed.model_folder import is_model_folder
-
-    model = resolve(spec)
-    folder = cache_dir() / "models" / f"{model.name.replace('/', '--')}@{model.revision}"
-    if is_model_folder(folder):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        import_model(model.path, staging / "model", hub=model)
-        os.replace(staging / "model", folder)   # a concurrent import that won leaves its folder
-    except OSError:
-        if not is_model_folder(folder):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder

@@ -22,7 +22,7 @@ from gembed.convert.hub import HubModel, is_hub_name, resolve
 from gembed.convert.source import SourceModel, read_json, read_source
 from gembed.convert.weight_table import import_encoder
 from gembed.data.hf_tokenizer import (
-    TOKENIZER_CONFIG,
+    TOKENIZER_SETTINGS,
     TOKENIZER_JSON,
     HuggingFaceTokenizer,
     read_special_tokens,
@@ -48,8 +48,8 @@ def _import_tokenizer(source_dir: pathlib.Path, output: pathlib.Path) -> Hugging
             raise GembedUserError(f"{source_dir / TOKENIZER_JSON}: unreadable "
                                   f"({str(e).splitlines()[0]}); re-download the source model.") from None
     elif (source_dir / "vocab.txt").is_file():
-        settings = (read_json(source_dir / TOKENIZER_CONFIG)
-                    if (source_dir / TOKENIZER_CONFIG).is_file() else {})
+        settings = (read_json(source_dir / TOKENIZER_SETTINGS)
+                    if (source_dir / TOKENIZER_SETTINGS).is_file() else {})
         tokenizer = wordpiece_from_vocab(source_dir / "vocab.txt", settings.get("do_lower_case", True))
     else:
         raise GembedUserError(f"{source_dir}: no tokenizer.json or vocab.txt; add the source "

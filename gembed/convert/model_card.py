@@ -10,6 +10,7 @@ import pathlib
 import re
 from typing import Any
 
+from gembed import checkpoint
 from gembed.convert.weight_table import Family
 from gembed.model import ModelConfig
 
@@ -88,8 +89,6 @@ def _eval_row(path: pathlib.Path) -> tuple[dict | None, str | None]:
 def provenance(path: pathlib.Path, eval_results: str | pathlib.Path | None) -> ModelCard:
     """The card's provenance of a CKPT or model folder: its training workdir's config.gin,
     soup.json, and evaluation scores (`eval_results`, or the recipe's row of `path`)."""
-    from gembed import checkpoint
-
     path = path.resolve()
     step, imported_from, workdir = None, None, None
     folder_config = _read_json(path / CONFIG_FILE)

@@ -15,7 +15,7 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from gembed.data.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, read_special_tokens
+from gembed.data.hf_tokenizer import TOKENIZER_JSON, TOKENIZER_SETTINGS, read_special_tokens
 from gembed.data.sentencepiece_json import sentencepiece_to_tokenizers
 from gembed.data.tokenizer import SentencePieceTokenizer
 
@@ -74,6 +74,6 @@ def write_transformers_tokenizer(tokenizer, directory: pathlib.Path, *, append_e
     }
     if tokenizer.kind == SentencePieceTokenizer.kind:
         settings["split_special_tokens"] = True   # gembed never reads "</s>" in a text as eos
-    (directory / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    (directory / TOKENIZER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return {f"{name}_id": converted.token_to_id(special[name]) if name in special else None
             for name in ("pad_token", "bos_token", "eos_token")}

@@ -15,11 +15,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
+from flax import traverse_util
 
 from gembed.convert.weight_map import WeightMap
-from gembed.model import ModelConfig
-from gembed.model_folder import flatten_abstract, flatten_params, unflatten_params
+from gembed.model import ModelConfig, init_params
 
 LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 BLOCK = re.compile(r"layer_(\d+)/")
@@ -73,8 +74,10 @@ class Family:
 
 def encoder_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{encoder param name (without "encoder/"): shape} of the gembed model."""
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
     return {name.removeprefix(ENCODER): tuple(leaf.shape)
-            for name, leaf in flatten_abstract(model_config).items() if name.startswith(ENCODER)}
+            for name, leaf in traverse_util.flatten_dict(abstract, sep="/").items()
+            if name.startswith(ENCODER)}
 
 
 def import_encoder(family: Family, tensors: dict[str, np.ndarray], model_config: ModelConfig,
@@ -92,14 +95,15 @@ def import_encoder(family: Family, tensors: dict[str, np.ndarray], model_config:
         else:
             flat[param] = source.tensor(name, shape)
     source.check_all_used(family.ignored)
-    return unflatten_params(flat)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def export_encoder(family: Family, encoder_params: Any, model_config: ModelConfig
                    ) -> dict[str, np.ndarray]:
     """{transformers tensor name: float32 array} of gembed `encoder` params, kernels as [out, in]."""
     tensors = {}
-    for param, value in flatten_params(encoder_params).items():
+    for param, value in traverse_util.flatten_dict(encoder_params, sep="/").items():
+        value = np.asarray(value, np.float32)
         tensors[family.tensor_name(param)] = np.ascontiguousarray(
             value.T if param.endswith("/kernel") else value)
     return {**tensors, **family.constant_tensors(model_config)}

@@ -27,7 +27,7 @@ from gembed.data.examples import Example
 from gembed.data.mixture import TrainingDataset
 from gembed.data.packing import ROW_MULTIPLE, pack
 from gembed.errors import GembedUserError
-from gembed.losses import text_keys
+from gembed.losses.contrastive import text_keys
 
 QUERY_SLOT, POSITIVE_SLOT, FIRST_NEGATIVE_SLOT = 0, 1, 2
 MIN_BUCKET = 16

@@ -19,7 +19,7 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from gembed.errors import GembedUserError
 
 TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_SETTINGS = "tokenizer_config.json"
 
 
 def _token_content(token) -> str | None:
@@ -66,7 +66,7 @@ class HuggingFaceTokenizer:
         return ids
 
 
-def read_special_tokens(directory: pathlib.Path, file_name: str = TOKENIZER_CONFIG) -> dict[str, str]:
+def read_special_tokens(directory: pathlib.Path, file_name: str = TOKENIZER_SETTINGS) -> dict[str, str]:
     """`pad_token`, `eos_token` and `bos_token` of DIR/tokenizer_config.json (or of another
     Hugging Face file with these keys, such as special_tokens_map.json), those present."""
     path = directory / file_name
@@ -89,4 +89,4 @@ def write_huggingface_tokenizer(tokenizer: tokenizers.Tokenizer, special_tokens:
                                 directory: pathlib.Path) -> None:
     """Writes DIR/tokenizer.json and a tokenizer_config.json naming the special tokens."""
     tokenizer.save(str(directory / TOKENIZER_JSON))
-    (directory / TOKENIZER_CONFIG).write_text(json.dumps(special_tokens, indent=2) + "\n")
+    (directory / TOKENIZER_SETTINGS).write_text(json.dumps(special_tokens, indent=2) + "\n")

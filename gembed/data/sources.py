@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from gembed.data.builtin import load_builtin
 from gembed.data.examples import Example
 from gembed.data.jsonl import SkippedLines, read_jsonl
+from gembed.data.tfds_pairs import TfdsExamples
 from gembed.errors import GembedUserError
 
 ACCEPTED_FORMS = "a JSONL file path, tfds:NAME[/CONFIG]:SPLIT, builtin:stdlib_code or builtin:stdlib_docs"
@@ -20,7 +21,6 @@ def load_examples(spec: str, split: str = "train", *, max_text_chars: int | None
     if spec.startswith("builtin:"):
         return load_builtin(spec.removeprefix("builtin:"), split)
     if spec.startswith("tfds:"):
-        from gembed.data.tfds_pairs import TfdsExamples  # TFDS imports take seconds
         return TfdsExamples(spec)
     if spec.endswith((".jsonl", ".json")) or os.path.isfile(spec):
         return read_jsonl(spec, max_text_chars=max_text_chars, skipped=skipped)

@@ -10,7 +10,7 @@ import pathlib
 import shutil
 
 from gembed.data.hf_tokenizer import (
-    TOKENIZER_CONFIG,
+    TOKENIZER_SETTINGS,
     TOKENIZER_JSON,
     HuggingFaceTokenizer,
 )
@@ -20,7 +20,7 @@ from gembed.errors import GembedUserError
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_FILES = {
     SentencePieceTokenizer.kind: (SENTENCEPIECE_FILE,),
-    HuggingFaceTokenizer.kind: (TOKENIZER_JSON, TOKENIZER_CONFIG),
+    HuggingFaceTokenizer.kind: (TOKENIZER_JSON, TOKENIZER_SETTINGS),
 }
 
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gembed.data.builtin import load_builtin
 from gembed.evaluation import metrics, search
 from gembed.evaluation.context import EvalContext
 from gembed.evaluation.data_files import data_path, malformed, read_json, read_jsonl
@@ -56,8 +57,6 @@ def load_csn(data_dir, language: str = "ruby") -> CodeSearchSet:
 
 
 def load_stdlib_code() -> CodeSearchSet:
-    from gembed.data.builtin import load_builtin
-
     examples = load_builtin("stdlib_code", "test")
     return CodeSearchSet([e.query for e in examples], [e.positive for e in examples],
                          list(range(len(examples))))

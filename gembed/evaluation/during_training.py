@@ -11,6 +11,7 @@ import time
 
 import tqdm
 
+from gembed.embedder import Embedder
 from gembed.evaluation import tasks as task_registry
 
 
@@ -37,8 +38,6 @@ class TrainingEvaluator:
             return {}
         start = time.perf_counter()
         if self._embedder is None:
-            from gembed.embedder import Embedder
-
             self._embedder = Embedder(self._model_config, params, self._tokenizer, self._max_length)
         self._embedder.params = params
 

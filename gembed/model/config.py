@@ -118,6 +118,22 @@ class ModelConfig:
                                "must be strictly increasing positive sizes ending at the "
                                f"embedding size {self.embedding_size} (projection_dim or hidden_size)")
 
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (the form workdirs and model folders store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "ModelConfig":
+        """The config of stored fields (lists become tuples), ignoring any gin binding: a stored
+        architecture is that model's alone. Fields it lacks take the class defaults."""
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        stored = {name: tuple(value) if isinstance(value, list) else value
+                  for name, value in fields.items()}
+        unknown = sorted(stored.keys() - defaults.keys())
+        if unknown:
+            raise TypeError(f"unknown ModelConfig fields {unknown}")
+        return cls(**{**defaults, **stored})
+
     @property
     def effective_num_kv_heads(self) -> int:
         """Key/value heads: `num_kv_heads`, or `num_heads` when unset."""

@@ -11,8 +11,8 @@ inherits it, and `MtebEncoder` wraps any other object with the gembed encoder pr
     mteb.evaluate(model, mteb.get_tasks(tasks=["STSBenchmark"]))
 
 The task prompt is chosen from the MTEB task type, on the query side only (documents of retrieval
-tasks get none), with the same family keys `gembed eval` uses ("sts", "retrieval", ...). mteb is
-imported only when one of these methods runs, so gembed never needs it.
+tasks get none), with the same family keys `gembed eval` uses ("sts", "retrieval", ...). mteb is an
+optional dependency, imported only when one of these methods runs.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ def contrastive_loss(
     output_sizes: Sequence[int] | None = None,
     max_scale: float = 100.0,
     row_tile: int | None = None,
+    false_negative_margin: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """In-batch softmax contrastive loss with hard negatives, duplicate masking and Matryoshka.
 
@@ -86,6 +88,9 @@ def contrastive_loss(
         row sees all its candidates in one tile, so no running logsumexp is needed. Tile t holds
         rows t, t + B/row_tile, ...: with B sharded over n devices and n dividing row_tile, every
         device works on its own rows in every tile.
+      false_negative_margin: when set, a candidate whose cosine exceeds the row's label cosine
+        by more than this margin is excluded as a probable false negative (Qwen3-Embedding's
+        fake-negative mask); None keeps every candidate.
 
     For each size m, embeddings are cut to [..., :m] and L2-normalised; logits are cosine
     similarities times scale, and each direction is a cross-entropy averaged over rows:
@@ -117,11 +122,49 @@ def contrastive_loss(
     if row_tile is not None and (row_tile <= 0 or batch % row_tile):
         raise ValueError(f"row_tile={row_tile} must divide the batch size {batch}")
 
-    # Queries and positives are anchors and keep the caller's (row) sharding; every row needs
-    # every candidate, so candidate embeddings, keys and masks are gathered whole.
-    query = query.astype(jnp.float32)
-    positive = positive.astype(jnp.float32)
-    all_queries, all_positives = _replicated(query), _replicated(positive)
+    batch_items = _gather_candidates(query, positive, negatives, negatives_valid)
+    keys = _identity_keys(batch, batch_items.negatives_valid.size, query_keys, positive_keys,
+                          negative_keys)
+    scale = jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), math.log(max_scale)))
+    options = dict(same_tower=same_tower, row_tile=row_tile,
+                   false_negative_margin=false_negative_margin)
+    to_doc_stats = {size: _query_to_doc(size, batch_items, keys, scale, **options)
+                    for size in {*sizes, dim}}
+    loss = jnp.zeros((), jnp.float32)
+    for size in sizes:
+        logsumexp, label_logit, _ = to_doc_stats[size]
+        size_loss = jnp.mean(logsumexp - label_logit)
+        if symmetric:
+            logsumexp, label_logit, _ = _doc_to_query(size, batch_items, keys, scale, **options)
+            size_loss = 0.5 * (size_loss + jnp.mean(logsumexp - label_logit))
+        loss = loss + size_loss
+
+    _, label_logit, max_logit = to_doc_stats[dim]
+    accuracy = jnp.mean((label_logit >= max_logit).astype(jnp.float32))
+    return loss, {"loss": loss, "temperature": 1.0 / scale, "accuracy": accuracy}
+
+
+class _BatchItems(NamedTuple):
+    """The texts of a global batch as anchors and candidates (all float32).
+
+    queries, positives: f32[B, D] with the caller's row sharding (anchors); all_queries,
+    all_positives: the same, whole on every device (candidates); negatives: f32[B*K, D], whole,
+    zero where invalid; negatives_valid: bool[B*K].
+    """
+
+    queries: Array
+    positives: Array
+    all_queries: Array
+    all_positives: Array
+    negatives: Array
+    negatives_valid: Array
+
+
+def _gather_candidates(query, positive, negatives, negatives_valid) -> _BatchItems:
+    """Anchors keep the caller's (row) sharding; every row needs every candidate, so candidate
+    embeddings and masks are gathered whole."""
+    batch, dim = query.shape
+    query, positive = query.astype(jnp.float32), positive.astype(jnp.float32)
     if negatives is None:
         negatives = jnp.zeros((batch, 0, dim), jnp.float32)
     num_negatives = negatives.shape[1]
@@ -130,71 +173,73 @@ def contrastive_loss(
     negatives_valid = _replicated(negatives_valid)
     negatives = _replicated(negatives).astype(jnp.float32)
     negatives = jnp.where(negatives_valid[..., None], negatives, 0.0)
-    negatives = negatives.reshape(batch * num_negatives, dim)
-    negatives_valid = negatives_valid.reshape(batch * num_negatives)
+    return _BatchItems(query, positive, _replicated(query), _replicated(positive),
+                       negatives.reshape(batch * num_negatives, dim),
+                       negatives_valid.reshape(batch * num_negatives))
 
-    query_id = _internal_keys(query_keys, _QUERY_ITEM, (batch,))
-    positive_id = _internal_keys(positive_keys, _POSITIVE_ITEM, (batch,))
-    negative_id = _internal_keys(negative_keys, _NEGATIVE_ITEM, (batch, num_negatives))
-    negative_id = negative_id.reshape(batch * num_negatives, 3)
-    no_key_batch = jnp.full((batch, 3), _NO_KEY, jnp.int32)
-    no_key_negatives = jnp.full((batch * num_negatives, 3), _NO_KEY, jnp.int32)
-    all_valid = jnp.ones((batch,), bool)
-    labels = jnp.arange(batch)
 
-    # Key channels, stacked on axis 1: a candidate is excluded when, in some channel, its key
-    # equals the anchor's. Query->doc channels: (positive text, query text).
-    to_doc_anchor_keys = jnp.stack([positive_id, query_id], axis=1)
-    to_doc_keys = [
-        jnp.stack([positive_id, query_id], axis=1),
-        jnp.stack([negative_id, no_key_negatives], axis=1),
-    ]
-    to_doc_valid = [all_valid, negatives_valid]
-    # Doc->query channels: (query text, positive text).
-    to_query_anchor_keys = jnp.stack([query_id, positive_id], axis=1)
-    to_query_keys = [jnp.stack([query_id, positive_id], axis=1)]
-    to_query_valid = [all_valid]
+class _IdentityKeys(NamedTuple):
+    """Internal keys (see `_internal_keys`) of every item: int32[B, 3] queries and positives,
+    int32[B*K, 3] negatives."""
+
+    queries: Array
+    positives: Array
+    negatives: Array
+
+
+def _identity_keys(batch: int, num_negative_slots: int, query_keys, positive_keys,
+                   negative_keys) -> _IdentityKeys:
+    num_negatives = num_negative_slots // batch
+    negatives = _internal_keys(negative_keys, _NEGATIVE_ITEM, (batch, num_negatives))
+    return _IdentityKeys(_internal_keys(query_keys, _QUERY_ITEM, (batch,)),
+                         _internal_keys(positive_keys, _POSITIVE_ITEM, (batch,)),
+                         negatives.reshape(num_negative_slots, 3))
+
+
+def _no_keys(rows: int) -> Array:
+    """int32[rows, 3] keys that never equal any other key (a channel an item does not join)."""
+    return jnp.full((rows, 3), _NO_KEY, jnp.int32)
+
+
+def _query_to_doc(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scale, *,
+                  same_tower: bool, row_tile, false_negative_margin):
+    """(logsumexp, label logit, max logit), each f32[B], of the query->doc direction at
+    Matryoshka size `size`: candidates are the positives (label: the row's own), the hard
+    negatives and, with same_tower, the other queries. Key channels (a candidate is excluded when
+    its key equals the anchor's in some channel): (positive text, query text)."""
+    batch = keys.queries.shape[0]
+    candidates = [batch_items.all_positives, batch_items.negatives]
+    candidate_keys = [jnp.stack([keys.positives, keys.queries], axis=1),
+                      jnp.stack([keys.negatives, _no_keys(keys.negatives.shape[0])], axis=1)]
+    valid = [jnp.ones((batch,), bool), batch_items.negatives_valid]
     if same_tower:
-        to_doc_keys.append(jnp.stack([no_key_batch, query_id], axis=1))
-        to_doc_valid.append(all_valid)
-        to_query_keys.append(jnp.stack([no_key_batch, positive_id], axis=1))
-        to_query_valid.append(all_valid)
-    to_doc_keys = jnp.concatenate(to_doc_keys)
-    to_doc_valid = jnp.concatenate(to_doc_valid)
-    to_query_keys = jnp.concatenate(to_query_keys)
-    to_query_valid = jnp.concatenate(to_query_valid)
+        candidates.append(batch_items.all_queries)
+        candidate_keys.append(jnp.stack([_no_keys(batch), keys.queries], axis=1))
+        valid.append(jnp.ones((batch,), bool))
+    return _row_logsumexp_and_label(
+        _l2_normalise(batch_items.queries[:, :size]),
+        jnp.concatenate([_l2_normalise(c[:, :size]) for c in candidates]), scale,
+        jnp.arange(batch), jnp.stack([keys.positives, keys.queries], axis=1),
+        jnp.concatenate(candidate_keys), jnp.concatenate(valid), row_tile, false_negative_margin)
 
-    scale = jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), math.log(max_scale)))
 
-    def query_to_doc(size):
-        q, p, n = (_l2_normalise(x[:, :size]) for x in (all_queries, all_positives, negatives))
-        candidates = jnp.concatenate([p, n, q] if same_tower else [p, n])
-        return _row_logsumexp_and_label(
-            _l2_normalise(query[:, :size]), candidates, scale, labels, to_doc_anchor_keys,
-            to_doc_keys, to_doc_valid, row_tile,
-        )
-
-    def doc_to_query(size):
-        q, p = (_l2_normalise(x[:, :size]) for x in (all_queries, all_positives))
-        candidates = jnp.concatenate([q, p] if same_tower else [q])
-        return _row_logsumexp_and_label(
-            _l2_normalise(positive[:, :size]), candidates, scale, labels, to_query_anchor_keys,
-            to_query_keys, to_query_valid, row_tile,
-        )
-
-    to_doc_stats = {size: query_to_doc(size) for size in {*sizes, dim}}
-    loss = jnp.zeros((), jnp.float32)
-    for size in sizes:
-        logsumexp, label_logit, _ = to_doc_stats[size]
-        size_loss = jnp.mean(logsumexp - label_logit)
-        if symmetric:
-            logsumexp, label_logit, _ = doc_to_query(size)
-            size_loss = 0.5 * (size_loss + jnp.mean(logsumexp - label_logit))
-        loss = loss + size_loss
-
-    _, label_logit, max_logit = to_doc_stats[dim]
-    accuracy = jnp.mean((label_logit >= max_logit).astype(jnp.float32))
-    return loss, {"loss": loss, "temperature": 1.0 / scale, "accuracy": accuracy}
+def _doc_to_query(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scale, *,
+                  same_tower: bool, row_tile, false_negative_margin):
+    """The doc->query direction, like `_query_to_doc`: anchors are the positives; candidates the
+    queries (label: the row's own) and, with same_tower, the other positives. Key channels:
+    (query text, positive text). Hard negatives are never anchors."""
+    batch = keys.queries.shape[0]
+    candidates = [batch_items.all_queries]
+    candidate_keys = [jnp.stack([keys.queries, keys.positives], axis=1)]
+    if same_tower:
+        candidates.append(batch_items.all_positives)
+        candidate_keys.append(jnp.stack([_no_keys(batch), keys.positives], axis=1))
+    return _row_logsumexp_and_label(
+        _l2_normalise(batch_items.positives[:, :size]),
+        jnp.concatenate([_l2_normalise(c[:, :size]) for c in candidates]), scale,
+        jnp.arange(batch), jnp.stack([keys.queries, keys.positives], axis=1),
+        jnp.concatenate(candidate_keys), jnp.ones((len(candidates) * batch,), bool), row_tile,
+        false_negative_margin)
 
 
 def _row_logsumexp_and_label(
@@ -206,6 +251,7 @@ def _row_logsumexp_and_label(
     candidate_keys: Array,
     candidate_valid: Array,
     row_tile: int | None = None,
+    false_negative_margin: float | None = None,
 ) -> tuple[Array, Array, Array]:
     """Per-row statistics of the masked logits scale * anchors @ candidates.T.
 
@@ -219,6 +265,8 @@ def _row_logsumexp_and_label(
       row_tile: None computes all R rows at once; else `row_tile` rows at a time (a divisor of
         R; tile t holds rows t, t + R/row_tile, ...), each tile's logits rematerialised in the
         backward pass, so at most f32[row_tile, C] logits are alive.
+      false_negative_margin: exclude candidates whose logit exceeds the label logit by more than
+        scale * margin (None: no such exclusion).
 
     Returns:
       (logsumexp, label logit, max logit), each f32[R].
@@ -233,9 +281,12 @@ def _row_logsumexp_and_label(
                                     precision=jax.lax.Precision.HIGHEST)
         same_text = jnp.all(tile_keys[:, None] == candidate_keys[None], axis=-1).any(axis=-1)
         is_label = jnp.arange(candidates.shape[0])[None, :] == tile_labels[:, None]
-        excluded = (same_text | ~candidate_valid[None, :]) & ~is_label
-        logits = jnp.where(excluded, _MASKED_LOGIT, logits)
+        excluded = same_text | ~candidate_valid[None, :]
         label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
+        if false_negative_margin is not None:
+            threshold = jax.lax.stop_gradient(label_logit + scale * false_negative_margin)
+            excluded |= logits > threshold[:, None]
+        logits = jnp.where(excluded & ~is_label, _MASKED_LOGIT, logits)
         return jax.nn.logsumexp(logits, axis=1), label_logit, jnp.max(logits, axis=1)
 
     rows = anchors.shape[0]
