@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import importlib.util
 import json
 import os
 import pathlib
@@ -155,7 +156,18 @@ def test_export_imports_back_bit_for_bit(family, tmp_path, sentencepiece_model):
     exported = export(tmp_path / "model", tmp_path / "st", "--format=sentence-transformers")
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == family
-    assert_round_trip(tmp_path / "model", exported, tmp_path, TEXTS + heldout_texts()[:20])
+    texts = TEXTS + heldout_texts()[:20]
+    assert_round_trip(tmp_path / "model", exported, tmp_path, texts)
+    # transformers' tokenizer of the family; for qwen2 it is Qwen2Tokenizer, which replaces this
+    # test tokenizer's pre-tokenizer with Qwen2's (the conformance test uses a Qwen2-style one).
+    if importlib.util.find_spec("transformers") and family != "qwen2":
+        import transformers
+
+        model = read_model_folder(tmp_path / "model")
+        ids = model.tokenizer.encode(texts, model.max_length,
+                                     add_eos=model.model_config.pooling == "last")
+        assert transformers.AutoTokenizer.from_pretrained(exported)(
+            texts, truncation=True, max_length=model.max_length)["input_ids"] == ids
 
 
 def test_export_refuses_what_no_transformers_class_computes(tmp_path, sentencepiece_model, capsys):

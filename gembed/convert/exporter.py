@@ -67,6 +67,10 @@ def write_sentence_transformers(output: pathlib.Path, model: ModelConfig, params
                                 card: ModelCard) -> None:
     """Writes the folder's files into the (new, empty) folder `output`; errors name the source
     `card.source`."""
+    if model.position_embedding == "learned" and max_length > model.max_position_embeddings:
+        raise GembedUserError(
+            f"{card.source}: --max_length={max_length} exceeds the model's "
+            f"{model.max_position_embeddings} positions; pass at most that.")
     family, hf_config, tensors = to_transformers(model, params["encoder"], pathlib.Path(card.source))
     token_ids = write_transformers_tokenizer(tokenizer, output, append_eos=model.pooling == "last",
                                              max_length=max_length)
@@ -101,7 +105,8 @@ def write_sentence_transformers(output: pathlib.Path, model: ModelConfig, params
                                task_prompts=dict(task_prompts),
                                output_sizes=list(model.output_sizes or (model.embedding_size,)),
                                tokenizer_kind=tokenizer.kind, causal_flags="is_causal" in hf_config,
-                               num_params=sum(value.size for value in tensors.values()))
+                               num_params=sum(np.size(value) for value in traverse_util.flatten_dict(
+                                   params["encoder"]).values()))
     (output / "README.md").write_text(model_card(card, [m["path"] or "." for m in modules]))
 
 
