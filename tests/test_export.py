@@ -467,6 +467,7 @@ def test_model_card_of_a_soup_shows_its_recipe_and_eval_scores(scratch_export, t
     assert f"| stdlib_code | {score:.2f} |" in card
     assert f"A uniform model soup of 1 of 1 checkpoints: `{run / 'checkpoints' / '2'}`" in card
     assert "| TRAIN_STEPS | `2` |" in card and "code/DatasetSpec.query_prompt = 'query: '" in card
+    assert "| TRAIN_DATA (code) | `'" in card
     assert "ModelConfig." not in card   # the gin defaults, not the model: the Model table is
     assert "`MegatronBertModel` (transformers `model_type: megatron-bert`): 2 layers, hidden 64" in card
     assert "text-embeddings-inference: not served" in card and "docker run" not in card

@@ -117,12 +117,16 @@ def provenance(path: pathlib.Path, eval_results: str | pathlib.Path | None) -> M
 
 
 def _macros(config: str) -> dict[str, str]:
-    """The contract macros bound in an operative config.gin."""
+    """The contract macros and the mixture's datasets ("TRAIN_DATA (NAME)") bound in an
+    operative config.gin."""
     found = {}
     for line in config.splitlines():
         match = re.fullmatch(r"([A-Z][A-Z0-9_]*) = (.+)", line.strip())
         if match and match.group(1) in SUMMARY_MACROS:
             found[match.group(1)] = match.group(2)
+        dataset = re.fullmatch(r"(\w+)/DatasetSpec\.data = (.+)", line.strip())
+        if dataset:
+            found[f"TRAIN_DATA ({dataset.group(1)})"] = dataset.group(2)
     return found
 
 
