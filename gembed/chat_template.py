@@ -28,7 +28,8 @@ def read_chat_template(directory: pathlib.Path) -> str | None:
     try:
         template = json.loads(path.read_text()).get("chat_template")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GembedUserError(f"{path}: not valid JSON ({e}); restore it from the source model.") from None
+        raise GembedUserError(
+            f"{path}: not valid JSON ({e}); restore it from the source model.") from None
     if isinstance(template, list):   # named templates: [{"name": "default", "template": ...}, ...]
         template = {entry.get("name"): entry.get("template") for entry in template}.get("default")
     return template

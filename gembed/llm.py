@@ -5,9 +5,11 @@ batching and padding.
 Params are the plain float32 pytree {"encoder": ..., "lm_head": {"kernel": [D, V]}} ("lm_head"
 absent when the folder ties it to the token embedding), placed on one device, or on a mesh by
 `gembed.sharding` rules over their "/"-joined names (`ShardingConfig.param_rules`, e.g.
-experiments/configs/sharding/fsdp.gin), the rows of each batch then split over its "data" axis. Calls sort their texts by token length and
-run them `batch_size` rows at a time, padded to a few bucket lengths so few shapes compile; the
-batches, and so the results, depend only on the texts of the call.
+experiments/configs/sharding/fsdp.gin), the rows of each batch then split over its "data" axis.
+
+Calls sort their texts by token length and run them `batch_size` rows at a time, padded to a few
+bucket lengths so few shapes compile; the batches, and so the results, depend only on the texts
+of the call.
 """
 from __future__ import annotations
 
