@@ -19,6 +19,8 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "flatbuffers>=24.3",
+    "jinja2>=3.1",   # chat templates of instruction-tuned LLMs (gembed curate)
+    "ranx>=0.3.20",  # reciprocal rank fusion (gembed curate negatives)
 ]
 
 # Run the notebooks/ (tests/test_notebooks.py executes them, so the test extra has these too).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from typing import Sequence
 
@@ -119,6 +120,50 @@ def cmd_encode(args: argparse.Namespace) -> None:
                               show_progress=sys.stderr.isatty())
     np.save(args.output, embeddings.astype(np.float32))
     print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
+
+
+def cmd_curate(args: argparse.Namespace) -> None:
+    from gembed import curate
+    from gembed.curate.progress import sidecar_paths
+    from gembed.data import load_examples
+    from gembed.text_input import read_texts
+
+    prompts = curate.load_prompts(args.prompts)   # typos in inputs fail before the LLM loads
+    if args.stage == "synthesize" and args.input.endswith(".txt"):
+        examples, passages = (), read_texts(args.input)
+    else:
+        examples = load_examples(args.input, split=args.split)
+        passages = list(dict.fromkeys(e.positive for e in examples))
+    import gembed
+    from gembed import config, sharding
+    from gembed.llm import load_language_model
+
+    embedder = gembed.load(args.model) if args.stage == "negatives" else None
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    layout = sharding.ShardingConfig()
+    llm = load_language_model(args.llm, dtype=args.dtype, batch_size=args.batch_size,
+                              use_chat_template=not args.no_chat_template,
+                              mesh=sharding.make_mesh(layout.model_parallelism),
+                              param_rules=layout.param_rules)
+    common = dict(prompts=prompts, grades=args.grades.split(","), chunk_size=args.chunk_size,
+                  max_text_tokens=args.max_text_tokens, show_progress=sys.stderr.isatty())
+    if args.stage == "synthesize":
+        shots = load_examples(args.shots, split=args.split) if args.shots else examples
+        counts = curate.synthesize(
+            llm, passages, args.output, shots=shots, num_shots=args.num_shots,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, min_score=args.min_score, task=args.task, **common)
+    elif args.stage == "filter":
+        counts = curate.filter_pairs(llm, examples, args.output, min_score=args.min_score, **common)
+    else:
+        counts = curate.llm_negatives(
+            llm, embedder, examples, args.output, num_candidates=args.candidates,
+            num_negatives=args.num_negatives, rrf_k=args.rrf_k, task=args.task,
+            embed_batch_size=args.batch_size, **common)
+    summary = ", ".join(f"{name} {value}" for name, value in counts.items())
+    print(f"gembed: curate {args.stage} wrote {args.output} ({summary}); per-example scores in "
+          f"{sidecar_paths(pathlib.Path(args.output))[0]}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -247,8 +292,69 @@ def _add_run(commands) -> None:
     run.set_defaults(run=cmd_run)
 
 
+def _add_curate(commands) -> None:
+    curate = commands.add_parser(
+        "curate", help="LLM data curation: synthetic queries, pair filtering, LLM-judged negatives",
+        description="Each stage reads training data and writes training JSONL, OUT.scores.jsonl "
+                    "(the LLM's scores per input example) and OUT.progress.json; rerun the same "
+                    "command to resume a killed run. Prompts: experiments/curate/prompts/.")
+    stages = curate.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+    helps = {"synthesize": "synthetic queries for passages, rated by the LLM",
+             "filter": "drop (query, positive) pairs the LLM grades irrelevant",
+             "negatives": "hard negatives: a first model's neighbours the LLM judges irrelevant"}
+    for stage, text in helps.items():
+        flags = stages.add_parser(stage, help=text)
+        flags.add_argument("--llm", required=True,
+                           help="a Hugging Face decoder folder (Llama/Qwen2/Gemma, safetensors)")
+        flags.add_argument("--input", required=True,
+                           help="training pairs: JSONL, tfds:..., builtin:NAME"
+                                + ("; or a .txt of passages, one per line"
+                                   if stage == "synthesize" else ""))
+        flags.add_argument("--split", default="train", help="split of a built-in corpus")
+        flags.add_argument("--output", required=True, help="the JSONL to write (or resume)")
+        flags.add_argument("--prompts", help="a folder of prompt files overriding the defaults")
+        flags.add_argument("--grades", default="0,1,2,3",
+                           help="the relevance prompt's answer tokens, least relevant first")
+        flags.add_argument("--max_text_tokens", type=int, default=256,
+                           help="texts are cut to this many tokens inside prompts")
+        flags.add_argument("--batch_size", type=int, default=8, help="rows per LLM call")
+        flags.add_argument("--chunk_size", type=int, default=64,
+                           help="input examples per committed chunk")
+        flags.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                           help="LLM compute dtype (bfloat16 on TPU/GPU)")
+        flags.add_argument("--no_chat_template", action="store_true",
+                           help="feed prompts without the LLM folder's chat template")
+        flags.add_argument("--gin_file", action="append", default=[],
+                           help="gin file binding ShardingConfig, e.g. sharding/fsdp.gin to shard "
+                                "the LLM's params over the devices (default: replicated)")
+        flags.add_argument("--gin_param", action="append", default=[],
+                           help="a binding, e.g. ShardingConfig.model_parallelism=4")
+        if stage in ("synthesize", "filter"):
+            flags.add_argument("--min_score", type=float, default=0.5,
+                               help="keep pairs whose graded relevance (0..1) is at least this")
+        if stage == "synthesize":
+            flags.add_argument("--shots", help="pairs to draw demonstrations from "
+                                               "(default: the input pairs)")
+            flags.add_argument("--num_shots", type=int, default=3, help="demonstrations per prompt")
+            flags.add_argument("--max_new_tokens", type=int, default=48, help="tokens per query")
+            flags.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+            flags.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
+            flags.add_argument("--seed", type=int, default=0)
+            flags.add_argument("--task", help="the task name written on every example")
+        if stage == "negatives":
+            flags.add_argument("--model", required=True,
+                               help="the first-round embedder: a model folder or a training CKPT")
+            flags.add_argument("--task", help="the task whose prompt the embedder's queries get")
+            flags.add_argument("--candidates", type=int, default=10,
+                               help="nearest neighbours the LLM judges per query")
+            flags.add_argument("--num_negatives", type=int, default=2,
+                               help="negatives kept per query (1-3 help, more overfit)")
+            flags.add_argument("--rrf_k", type=int, default=60, help="the RRF constant")
+        flags.set_defaults(run=cmd_curate)
+
+
 SUB_COMMANDS = (_add_train, _add_eval, _add_import, _add_mine, _add_soup, _add_export, _add_encode,
-                _add_run)
+                _add_curate, _add_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
