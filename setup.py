@@ -19,6 +19,8 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "flatbuffers>=24.3",
+    "bm25s==0.3.16",     # the BM25 baseline of `gembed eval --model=bm25` (numpy only)
+    "PyStemmer==3.1.0",  # its Snowball English stemmer
 ]
 
 # Run the notebooks/ (tests/test_notebooks.py executes them, so the test extra has these too).

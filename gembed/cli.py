@@ -56,14 +56,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gembed.evaluation import tasks
 
     selected = tasks.parse_task_list(args.tasks)   # a typo in --tasks fails before the model loads
-    from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+    if args.batch_size < 1:
+        raise GembedUserError(f"--batch_size={args.batch_size}: give a positive number of texts.")
+    if args.model == "bm25":
+        from gembed.evaluation.bm25 import BM25
 
-    encoder = load(args.model)
+        if args.dim is not None:
+            raise GembedUserError("--dim applies to embedding models, not to --model=bm25; drop it.")
+        encoder = BM25()
+    else:
+        from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+
+        encoder = load(args.model)
+        _check_eval_dim(args, encoder)
+    skipped, failed = {}, {}
     results = tasks.evaluate(encoder, [task.name for task in selected], data_dir=args.data_dir,
-                             batch_size=args.batch_size, dim=args.dim)
-    print(tasks.format_table(results))
-    if args.output:
-        tasks.write_json(results, args.output)
+                             batch_size=args.batch_size, dim=args.dim, skipped=skipped, failed=failed)
+    if results:
+        print(tasks.format_table(results))
+        if args.output:
+            tasks.write_json(results, args.output)
+    if failed:
+        raise GembedUserError(f"{len(failed)} task(s) failed: " + "; ".join(
+            f"{name}: {reason}" for name, reason in failed.items()))
+    if not results:
+        first, reason = next(iter(skipped.items()))
+        raise GembedUserError(f"no task ran: all {len(skipped)} skipped (first, {first}: {reason}); "
+                              f"check --data_dir and --tasks.")
+
+
+def _check_eval_dim(args: argparse.Namespace, encoder) -> None:
+    """`--dim` must be a prefix size the model has (1..its embedding size)."""
+    size = getattr(encoder, "embedding_size", None)
+    if args.dim is None or size is None:
+        return
+    if not 0 < args.dim <= size:
+        trained = getattr(getattr(encoder, "model_config", None), "output_sizes", None)
+        sizes = f" (trained Matryoshka sizes: {', '.join(map(str, trained))})" if trained else ""
+        raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into {size} dims{sizes}; "
+                              f"pick 1..{size}.")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -153,10 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a model folder on evaluation tasks",
         description="Prints a table and writes JSON {task: {main_score, metric: value, ...}}, "
                     "scores x100. A task whose data set is absent is skipped with one line on stderr "
-                    "and left out of the JSON.")
-    evaluate.add_argument("--model", required=True, help="a model folder (gembed export / import)")
+                    "and left out of the JSON; exit 2 when no task ran or a score is not finite.")
+    evaluate.add_argument("--model", required=True,
+                          help="a model folder (gembed export / import), or `bm25` for the lexical "
+                               "BM25 baseline (retrieval and code-search tasks only; a folder "
+                               "named bm25 is ./bm25)")
     evaluate.add_argument("--tasks", required=True,
-                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,tatoeba:deu")
+                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,"
+                               "stdlib_code:validation,tatoeba:deu,pairs:FILE.jsonl")
     evaluate.add_argument("--data_dir", help="folder holding the public evaluation sets")
     evaluate.add_argument("--output", help="where to write the results JSON")
     evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
