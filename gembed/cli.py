@@ -113,14 +113,25 @@ def cmd_mine(args: argparse.Namespace) -> None:
     examples = load_examples(args.input, split=args.split)
     embedder = load_embedder(args.model, max_length=args.max_length)
     mined, stats = mine_hard_negatives(
-        embedder, examples, num_negatives=args.num_negatives, candidates=args.candidates,
-        relative_margin=args.relative_margin, task=args.task, batch_size=args.batch_size,
-        show_progress=sys.stderr.isatty())
+        embedder, examples, num_negatives=args.num_negatives, range_min=args.range_min,
+        range_max=args.range_max, sampling=args.sampling, relative_margin=_margin(args.relative_margin),
+        absolute_margin=_margin(args.absolute_margin), seed=args.seed, task=args.task,
+        batch_size=args.batch_size, show_progress=sys.stderr.isatty())
     write_jsonl(args.output, mined)
     print(f"gembed: wrote {len(mined)} examples with {stats.negatives} negatives to {args.output}; "
-          f"dropped {stats.dropped_positive} positives and {stats.dropped_by_margin} candidates "
-          f"within the margin; {stats.queries_short_of_negatives} queries got fewer than "
-          f"{args.num_negatives}")
+          f"left out {stats.dropped_positive} positives, {stats.skipped_above_window} neighbours "
+          f"above rank {args.range_min} and {stats.dropped_by_margin} candidates within a margin; "
+          f"{stats.queries_short_of_negatives} examples got fewer than {args.num_negatives}")
+
+
+def _margin(value: str) -> float | None:
+    """A margin flag: a number, or `none` (off)."""
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise GembedUserError(f"margin {value!r}: give a number or none.") from None
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -214,18 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     mine = commands.add_parser(
         "mine", help="add mined hard negatives to training pairs",
-        description="Embeds the queries and the pool of positives with a first-round model, takes "
-                    "each query's nearest documents, drops its positive and any candidate scoring "
-                    "at least RELATIVE_MARGIN x the positive's score, and writes JSONL with "
-                    "`negatives` for the finetune stage.")
+        description="Embeds the queries and the pool of positives with a first-round model, ranks "
+                    "the pool for each query without its own positives, takes ranks RANGE_MIN.."
+                    "RANGE_MAX-1, drops candidates within a margin of the positive's score, keeps "
+                    "NUM_NEGATIVES of the rest (the nearest, or a seeded random draw), and writes "
+                    "JSONL with `negatives` for the finetune stage. The defaults are NV-Retriever's "
+                    "TopK-PercPos 95% (and gembed's earlier behaviour).")
     mine.add_argument("--model", required=True, help="a model folder or a training CKPT")
     mine.add_argument("--input", required=True, help="training pairs: JSONL, tfds:..., builtin:NAME")
-    mine.add_argument("--split", default="train", help="split of a built-in corpus")
+    mine.add_argument("--split", default="train",
+                      help="split of a built-in corpus: train, validation or test")
     mine.add_argument("--output", required=True, help="the JSONL to write")
     mine.add_argument("--num_negatives", type=int, default=4, help="negatives per example, at most")
-    mine.add_argument("--candidates", type=int, default=30, help="neighbours examined per query")
-    mine.add_argument("--relative_margin", type=float, default=0.95,
-                      help="drop candidates scoring >= this x the positive's score")
+    mine.add_argument("--range_min", type=int, default=0,
+                      help="skip the nearest RANGE_MIN documents (likely false negatives); 0: none")
+    mine.add_argument("--range_max", type=int, default=30,
+                      help="take negatives from ranks below this (0 = the nearest non-positive)")
+    mine.add_argument("--sampling", choices=("top", "random"), default="top",
+                      help="top: the nearest candidates that survive the margins; random: a "
+                           "uniform draw of them (seeded by --seed)")
+    mine.add_argument("--relative_margin", default="0.95",
+                      help="drop candidates scoring >= this x the positive's score; none: off")
+    mine.add_argument("--absolute_margin", default="none",
+                      help="drop candidates scoring >= the positive's score minus this; none: off")
+    mine.add_argument("--seed", type=int, default=0, help="seed of --sampling=random")
     mine.add_argument("--task", help="the task whose prompt queries get")
     mine.add_argument("--max_length", type=int, default=128, help="tokens per text")
     mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
