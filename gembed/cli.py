@@ -50,14 +50,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gembed.evaluation import tasks
 
     selected = tasks.parse_task_list(args.tasks)   # a typo in --tasks fails before the model loads
-    from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+    if args.batch_size < 1:
+        raise GembedUserError(f"--batch_size={args.batch_size}: give a positive number of texts.")
+    if args.model == "bm25":
+        from gembed.evaluation.bm25 import BM25
 
-    encoder = load(args.model)
+        if args.dim is not None:
+            raise GembedUserError("--dim applies to embedding models, not to --model=bm25; drop it.")
+        encoder = BM25()
+    else:
+        from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+
+        encoder = load(args.model)
+        _check_eval_dim(args, encoder)
+    skipped, failed = {}, {}
     results = tasks.evaluate(encoder, [task.name for task in selected], data_dir=args.data_dir,
-                             batch_size=args.batch_size, dim=args.dim)
-    print(tasks.format_table(results))
-    if args.output:
-        tasks.write_json(results, args.output)
+                             batch_size=args.batch_size, dim=args.dim, skipped=skipped, failed=failed)
+    if results:
+        print(tasks.format_table(results))
+        if args.output:
+            tasks.write_json(results, args.output)
+    if failed:
+        raise GembedUserError(f"{len(failed)} task(s) failed: " + "; ".join(
+            f"{name}: {reason}" for name, reason in failed.items()))
+    if not results:
+        first, reason = next(iter(skipped.items()))
+        raise GembedUserError(f"no task ran: all {len(skipped)} skipped (first, {first}: {reason}); "
+                              f"check --data_dir and --tasks.")
+
+
+def _check_eval_dim(args: argparse.Namespace, encoder) -> None:
+    """`--dim` must be a prefix size the model has (1..its embedding size)."""
+    size = getattr(encoder, "embedding_size", None)
+    if args.dim is None or size is None:
+        return
+    if not 0 < args.dim <= size:
+        trained = getattr(getattr(encoder, "model_config", None), "output_sizes", None)
+        sizes = f" (trained Matryoshka sizes: {', '.join(map(str, trained))})" if trained else ""
+        raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into {size} dims{sizes}; "
+                              f"pick 1..{size}.")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -76,14 +107,25 @@ def cmd_mine(args: argparse.Namespace) -> None:
     examples = load_examples(args.input, split=args.split)
     embedder = gembed.load(args.model)
     mined, stats = mine_hard_negatives(
-        embedder, examples, num_negatives=args.num_negatives, candidates=args.candidates,
-        relative_margin=args.relative_margin, task=args.task, batch_size=args.batch_size,
-        show_progress=sys.stderr.isatty())
+        embedder, examples, num_negatives=args.num_negatives, range_min=args.range_min,
+        range_max=args.range_max, sampling=args.sampling, relative_margin=_margin(args.relative_margin),
+        absolute_margin=_margin(args.absolute_margin), seed=args.seed, task=args.task,
+        batch_size=args.batch_size, show_progress=sys.stderr.isatty())
     write_jsonl(args.output, mined)
     print(f"gembed: wrote {len(mined)} examples with {stats.negatives} negatives to {args.output}; "
-          f"dropped {stats.dropped_positive} positives and {stats.dropped_by_margin} candidates "
-          f"within the margin; {stats.queries_short_of_negatives} queries got fewer than "
-          f"{args.num_negatives}")
+          f"left out {stats.dropped_positive} positives, {stats.skipped_above_window} neighbours "
+          f"above rank {args.range_min} and {stats.dropped_by_margin} candidates within a margin; "
+          f"{stats.queries_short_of_negatives} examples got fewer than {args.num_negatives}")
+
+
+def _margin(value: str) -> float | None:
+    """A margin flag: a number, or `none` (off)."""
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise GembedUserError(f"margin {value!r}: give a number or none.") from None
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -190,10 +232,14 @@ def _add_eval(commands) -> None:
         "eval", help="score a model folder on evaluation tasks",
         description="Prints a table and writes JSON {task: {main_score, metric: value, ...}}, "
                     "scores x100. A task whose data set is absent is skipped with one line on stderr "
-                    "and left out of the JSON.")
-    evaluate.add_argument("--model", required=True, help="a model folder (gembed export / import)")
+                    "and left out of the JSON; exit 2 when no task ran or a score is not finite.")
+    evaluate.add_argument("--model", required=True,
+                          help="a model folder (gembed export / import), or `bm25` for the lexical "
+                               "BM25 baseline (retrieval and code-search tasks only; a folder "
+                               "named bm25 is ./bm25)")
     evaluate.add_argument("--tasks", required=True,
-                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,tatoeba:deu")
+                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,"
+                               "stdlib_code:validation,tatoeba:deu,pairs:FILE.jsonl")
     evaluate.add_argument("--data_dir", help="folder holding the public evaluation sets")
     evaluate.add_argument("--output", help="where to write the results JSON")
     evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
@@ -221,18 +267,30 @@ def _add_import(commands) -> None:
 def _add_mine(commands) -> None:
     mine = commands.add_parser(
         "mine", help="add mined hard negatives to training pairs",
-        description="Embeds the queries and the pool of positives with a first-round model, takes "
-                    "each query's nearest documents, drops its positive and any candidate scoring "
-                    "at least RELATIVE_MARGIN x the positive's score, and writes JSONL with "
-                    "`negatives` for the finetune stage.")
+        description="Embeds the queries and the pool of positives with a first-round model, ranks "
+                    "the pool for each query without its own positives, takes ranks RANGE_MIN.."
+                    "RANGE_MAX-1, drops candidates within a margin of the positive's score, keeps "
+                    "NUM_NEGATIVES of the rest (the nearest, or a seeded random draw), and writes "
+                    "JSONL with `negatives` for the finetune stage. The defaults are NV-Retriever's "
+                    "TopK-PercPos 95% (and gembed's earlier behaviour).")
     mine.add_argument("--model", required=True, help="a model folder or a training CKPT")
     mine.add_argument("--input", required=True, help="training pairs: JSONL, tfds:..., builtin:NAME")
-    mine.add_argument("--split", default="train", help="split of a built-in corpus")
+    mine.add_argument("--split", default="train",
+                      help="split of a built-in corpus: train, validation or test")
     mine.add_argument("--output", required=True, help="the JSONL to write")
     mine.add_argument("--num_negatives", type=int, default=4, help="negatives per example, at most")
-    mine.add_argument("--candidates", type=int, default=30, help="neighbours examined per query")
-    mine.add_argument("--relative_margin", type=float, default=0.95,
-                      help="drop candidates scoring >= this x the positive's score")
+    mine.add_argument("--range_min", type=int, default=0,
+                      help="skip the nearest RANGE_MIN documents (likely false negatives); 0: none")
+    mine.add_argument("--range_max", type=int, default=30,
+                      help="take negatives from ranks below this (0 = the nearest non-positive)")
+    mine.add_argument("--sampling", choices=("top", "random"), default="top",
+                      help="top: the nearest candidates that survive the margins; random: a "
+                           "uniform draw of them (seeded by --seed)")
+    mine.add_argument("--relative_margin", default="0.95",
+                      help="drop candidates scoring >= this x the positive's score; none: off")
+    mine.add_argument("--absolute_margin", default="none",
+                      help="drop candidates scoring >= the positive's score minus this; none: off")
+    mine.add_argument("--seed", type=int, default=0, help="seed of --sampling=random")
     mine.add_argument("--task", help="the task whose prompt queries get")
     mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     mine.set_defaults(run=cmd_mine)
