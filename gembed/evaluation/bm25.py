@@ -23,7 +23,10 @@ import functools
 import re
 from typing import Sequence
 
+import bm25s
 import numpy as np
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
 
 K1 = 1.2
 B = 0.75
@@ -32,17 +35,11 @@ ALPHANUMERIC_RUN = re.compile(r"[^\W_]+")
 CASE_CHANGE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
-@functools.lru_cache(maxsize=1)
-def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
+STOPWORDS = frozenset(STOPWORDS_EN)
 
 
 @functools.lru_cache(maxsize=1)
-def _stemmer():
-    import Stemmer
-
+def _stemmer() -> Stemmer.Stemmer:
     return Stemmer.Stemmer("english")
 
 
@@ -65,7 +62,7 @@ def _word_terms(word: str) -> tuple[str, ...]:
     pieces = identifier_pieces(word)
     if len(pieces) > 1:
         pieces.append(word.lower())
-    stopwords = _stopwords()
+    stopwords = STOPWORDS
     return tuple(_stemmer().stemWords([piece for piece in pieces
                                        if len(piece) > 1 and piece not in stopwords]))
 
@@ -84,8 +81,6 @@ class BM25:
 
     def scores(self, queries: Sequence[str], documents: Sequence[str]):
         """Yields float32[len(documents)]: the BM25 scores of each query against `documents`."""
-        import bm25s
-
         index = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
         index.index([tokenize(text) for text in documents], show_progress=False)
         for query in queries:
