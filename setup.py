@@ -21,6 +21,10 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "flatbuffers>=24.3",
+    "jinja2>=3.1",   # chat templates of instruction-tuned LLMs (gembed curate)
+    "ranx>=0.3.20",  # reciprocal rank fusion (gembed curate negatives)
+    "bm25s==0.3.16",     # the BM25 baseline of `gembed eval --model=bm25` (numpy only)
+    "PyStemmer==3.1.0",  # its Snowball English stemmer
 ]
 
 # Run the notebooks/ (tests/test_notebooks.py executes them, so the test extra has these too).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from typing import Sequence
 
@@ -49,14 +50,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gembed.evaluation import tasks
 
     selected = tasks.parse_task_list(args.tasks)   # a typo in --tasks fails before the model loads
-    from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+    if args.batch_size < 1:
+        raise GembedUserError(f"--batch_size={args.batch_size}: give a positive number of texts.")
+    if args.model == "bm25":
+        from gembed.evaluation.bm25 import BM25
 
-    encoder = load(args.model)
+        if args.dim is not None:
+            raise GembedUserError("--dim applies to embedding models, not to --model=bm25; drop it.")
+        encoder = BM25()
+    else:
+        from gembed import load   # gembed.load(MODEL_DIR) -> Embedder (model folder reader)
+
+        encoder = load(args.model)
+        _check_eval_dim(args, encoder)
+    skipped, failed = {}, {}
     results = tasks.evaluate(encoder, [task.name for task in selected], data_dir=args.data_dir,
-                             batch_size=args.batch_size, dim=args.dim)
-    print(tasks.format_table(results))
-    if args.output:
-        tasks.write_json(results, args.output)
+                             batch_size=args.batch_size, dim=args.dim, skipped=skipped, failed=failed)
+    if results:
+        print(tasks.format_table(results))
+        if args.output:
+            tasks.write_json(results, args.output)
+    if failed:
+        raise GembedUserError(f"{len(failed)} task(s) failed: " + "; ".join(
+            f"{name}: {reason}" for name, reason in failed.items()))
+    if not results:
+        first, reason = next(iter(skipped.items()))
+        raise GembedUserError(f"no task ran: all {len(skipped)} skipped (first, {first}: {reason}); "
+                              f"check --data_dir and --tasks.")
+
+
+def _check_eval_dim(args: argparse.Namespace, encoder) -> None:
+    """`--dim` must be a prefix size the model has (1..its embedding size)."""
+    size = getattr(encoder, "embedding_size", None)
+    if args.dim is None or size is None:
+        return
+    if not 0 < args.dim <= size:
+        trained = getattr(getattr(encoder, "model_config", None), "output_sizes", None)
+        sizes = f" (trained Matryoshka sizes: {', '.join(map(str, trained))})" if trained else ""
+        raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into {size} dims{sizes}; "
+                              f"pick 1..{size}.")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -75,14 +107,25 @@ def cmd_mine(args: argparse.Namespace) -> None:
     examples = load_examples(args.input, split=args.split)
     embedder = gembed.load(args.model)
     mined, stats = mine_hard_negatives(
-        embedder, examples, num_negatives=args.num_negatives, candidates=args.candidates,
-        relative_margin=args.relative_margin, task=args.task, batch_size=args.batch_size,
-        show_progress=sys.stderr.isatty())
+        embedder, examples, num_negatives=args.num_negatives, range_min=args.range_min,
+        range_max=args.range_max, sampling=args.sampling, relative_margin=_margin(args.relative_margin),
+        absolute_margin=_margin(args.absolute_margin), seed=args.seed, task=args.task,
+        batch_size=args.batch_size, show_progress=sys.stderr.isatty())
     write_jsonl(args.output, mined)
     print(f"gembed: wrote {len(mined)} examples with {stats.negatives} negatives to {args.output}; "
-          f"dropped {stats.dropped_positive} positives and {stats.dropped_by_margin} candidates "
-          f"within the margin; {stats.queries_short_of_negatives} queries got fewer than "
-          f"{args.num_negatives}")
+          f"left out {stats.dropped_positive} positives, {stats.skipped_above_window} neighbours "
+          f"above rank {args.range_min} and {stats.dropped_by_margin} candidates within a margin; "
+          f"{stats.queries_short_of_negatives} examples got fewer than {args.num_negatives}")
+
+
+def _margin(value: str) -> float | None:
+    """A margin flag: a number, or `none` (off)."""
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise GembedUserError(f"margin {value!r}: give a number or none.") from None
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -132,6 +175,50 @@ def cmd_encode(args: argparse.Namespace) -> None:
     print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
 
 
+def cmd_curate(args: argparse.Namespace) -> None:
+    from gembed import curate
+    from gembed.curate.progress import sidecar_paths
+    from gembed.data import load_examples
+    from gembed.text_input import read_texts
+
+    prompts = curate.load_prompts(args.prompts)   # typos in inputs fail before the LLM loads
+    if args.stage == "synthesize" and args.input.endswith(".txt"):
+        examples, passages = (), read_texts(args.input)
+    else:
+        examples = load_examples(args.input, split=args.split)
+        passages = list(dict.fromkeys(e.positive for e in examples))
+    import gembed
+    from gembed import config, sharding
+    from gembed.llm import load_language_model
+
+    embedder = gembed.load(args.model) if args.stage == "negatives" else None
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    layout = sharding.ShardingConfig()
+    llm = load_language_model(args.llm, dtype=args.dtype, batch_size=args.batch_size,
+                              use_chat_template=not args.no_chat_template,
+                              mesh=sharding.make_mesh(layout.model_parallelism),
+                              param_rules=layout.param_rules)
+    common = dict(prompts=prompts, grades=args.grades.split(","), chunk_size=args.chunk_size,
+                  max_text_tokens=args.max_text_tokens, show_progress=sys.stderr.isatty())
+    if args.stage == "synthesize":
+        shots = load_examples(args.shots, split=args.split) if args.shots else examples
+        counts = curate.synthesize(
+            llm, passages, args.output, shots=shots, num_shots=args.num_shots,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, min_score=args.min_score, task=args.task, **common)
+    elif args.stage == "filter":
+        counts = curate.filter_pairs(llm, examples, args.output, min_score=args.min_score, **common)
+    else:
+        counts = curate.llm_negatives(
+            llm, embedder, examples, args.output, num_candidates=args.candidates,
+            num_negatives=args.num_negatives, rrf_k=args.rrf_k, task=args.task,
+            embed_batch_size=args.batch_size, **common)
+    summary = ", ".join(f"{name} {value}" for name, value in counts.items())
+    print(f"gembed: curate {args.stage} wrote {args.output} ({summary}); per-example scores in "
+          f"{sidecar_paths(pathlib.Path(args.output))[0]}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from gembed.recipe import run_recipe
 
@@ -156,10 +243,14 @@ def _add_eval(commands) -> None:
         "eval", help="score a model folder on evaluation tasks",
         description="Prints a table and writes JSON {task: {main_score, metric: value, ...}}, "
                     "scores x100. A task whose data set is absent is skipped with one line on stderr "
-                    "and left out of the JSON.")
-    evaluate.add_argument("--model", required=True, help="a model folder (gembed export / import)")
+                    "and left out of the JSON; exit 2 when no task ran or a score is not finite.")
+    evaluate.add_argument("--model", required=True,
+                          help="a model folder (gembed export / import), or `bm25` for the lexical "
+                               "BM25 baseline (retrieval and code-search tasks only; a folder "
+                               "named bm25 is ./bm25)")
     evaluate.add_argument("--tasks", required=True,
-                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,tatoeba:deu")
+                          help="comma-separated task names, e.g. stsb,scifact,stdlib_code,"
+                               "stdlib_code:validation,tatoeba:deu,pairs:FILE.jsonl")
     evaluate.add_argument("--data_dir", help="folder holding the public evaluation sets")
     evaluate.add_argument("--output", help="where to write the results JSON")
     evaluate.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
@@ -189,18 +280,30 @@ def _add_import(commands) -> None:
 def _add_mine(commands) -> None:
     mine = commands.add_parser(
         "mine", help="add mined hard negatives to training pairs",
-        description="Embeds the queries and the pool of positives with a first-round model, takes "
-                    "each query's nearest documents, drops its positive and any candidate scoring "
-                    "at least RELATIVE_MARGIN x the positive's score, and writes JSONL with "
-                    "`negatives` for the finetune stage.")
+        description="Embeds the queries and the pool of positives with a first-round model, ranks "
+                    "the pool for each query without its own positives, takes ranks RANGE_MIN.."
+                    "RANGE_MAX-1, drops candidates within a margin of the positive's score, keeps "
+                    "NUM_NEGATIVES of the rest (the nearest, or a seeded random draw), and writes "
+                    "JSONL with `negatives` for the finetune stage. The defaults are NV-Retriever's "
+                    "TopK-PercPos 95% (and gembed's earlier behaviour).")
     mine.add_argument("--model", required=True, help="a model folder or a training CKPT")
     mine.add_argument("--input", required=True, help="training pairs: JSONL, tfds:..., builtin:NAME")
-    mine.add_argument("--split", default="train", help="split of a built-in corpus")
+    mine.add_argument("--split", default="train",
+                      help="split of a built-in corpus: train, validation or test")
     mine.add_argument("--output", required=True, help="the JSONL to write")
     mine.add_argument("--num_negatives", type=int, default=4, help="negatives per example, at most")
-    mine.add_argument("--candidates", type=int, default=30, help="neighbours examined per query")
-    mine.add_argument("--relative_margin", type=float, default=0.95,
-                      help="drop candidates scoring >= this x the positive's score")
+    mine.add_argument("--range_min", type=int, default=0,
+                      help="skip the nearest RANGE_MIN documents (likely false negatives); 0: none")
+    mine.add_argument("--range_max", type=int, default=30,
+                      help="take negatives from ranks below this (0 = the nearest non-positive)")
+    mine.add_argument("--sampling", choices=("top", "random"), default="top",
+                      help="top: the nearest candidates that survive the margins; random: a "
+                           "uniform draw of them (seeded by --seed)")
+    mine.add_argument("--relative_margin", default="0.95",
+                      help="drop candidates scoring >= this x the positive's score; none: off")
+    mine.add_argument("--absolute_margin", default="none",
+                      help="drop candidates scoring >= the positive's score minus this; none: off")
+    mine.add_argument("--seed", type=int, default=0, help="seed of --sampling=random")
     mine.add_argument("--task", help="the task whose prompt queries get")
     mine.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     mine.set_defaults(run=cmd_mine)
@@ -267,8 +370,69 @@ def _add_run(commands) -> None:
     run.set_defaults(run=cmd_run)
 
 
+def _add_curate(commands) -> None:
+    curate = commands.add_parser(
+        "curate", help="LLM data curation: synthetic queries, pair filtering, LLM-judged negatives",
+        description="Each stage reads training data and writes training JSONL, OUT.scores.jsonl "
+                    "(the LLM's scores per input example) and OUT.progress.json; rerun the same "
+                    "command to resume a killed run. Prompts: experiments/curate/prompts/.")
+    stages = curate.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+    helps = {"synthesize": "synthetic queries for passages, rated by the LLM",
+             "filter": "drop (query, positive) pairs the LLM grades irrelevant",
+             "negatives": "hard negatives: a first model's neighbours the LLM judges irrelevant"}
+    for stage, text in helps.items():
+        flags = stages.add_parser(stage, help=text)
+        flags.add_argument("--llm", required=True,
+                           help="a Hugging Face decoder folder (Llama/Qwen2/Gemma, safetensors)")
+        flags.add_argument("--input", required=True,
+                           help="training pairs: JSONL, tfds:..., builtin:NAME"
+                                + ("; or a .txt of passages, one per line"
+                                   if stage == "synthesize" else ""))
+        flags.add_argument("--split", default="train", help="split of a built-in corpus")
+        flags.add_argument("--output", required=True, help="the JSONL to write (or resume)")
+        flags.add_argument("--prompts", help="a folder of prompt files overriding the defaults")
+        flags.add_argument("--grades", default="0,1,2,3",
+                           help="the relevance prompt's answer tokens, least relevant first")
+        flags.add_argument("--max_text_tokens", type=int, default=256,
+                           help="texts are cut to this many tokens inside prompts")
+        flags.add_argument("--batch_size", type=int, default=8, help="rows per LLM call")
+        flags.add_argument("--chunk_size", type=int, default=64,
+                           help="input examples per committed chunk")
+        flags.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                           help="LLM compute dtype (bfloat16 on TPU/GPU)")
+        flags.add_argument("--no_chat_template", action="store_true",
+                           help="feed prompts without the LLM folder's chat template")
+        flags.add_argument("--gin_file", action="append", default=[],
+                           help="gin file binding ShardingConfig, e.g. sharding/fsdp.gin to shard "
+                                "the LLM's params over the devices (default: replicated)")
+        flags.add_argument("--gin_param", action="append", default=[],
+                           help="a binding, e.g. ShardingConfig.model_parallelism=4")
+        if stage in ("synthesize", "filter"):
+            flags.add_argument("--min_score", type=float, default=0.5,
+                               help="keep pairs whose graded relevance (0..1) is at least this")
+        if stage == "synthesize":
+            flags.add_argument("--shots", help="pairs to draw demonstrations from "
+                                               "(default: the input pairs)")
+            flags.add_argument("--num_shots", type=int, default=3, help="demonstrations per prompt")
+            flags.add_argument("--max_new_tokens", type=int, default=48, help="tokens per query")
+            flags.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+            flags.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
+            flags.add_argument("--seed", type=int, default=0)
+            flags.add_argument("--task", help="the task name written on every example")
+        if stage == "negatives":
+            flags.add_argument("--model", required=True,
+                               help="the first-round embedder: a model folder or a training CKPT")
+            flags.add_argument("--task", help="the task whose prompt the embedder's queries get")
+            flags.add_argument("--candidates", type=int, default=10,
+                               help="nearest neighbours the LLM judges per query")
+            flags.add_argument("--num_negatives", type=int, default=2,
+                               help="negatives kept per query (1-3 help, more overfit)")
+            flags.add_argument("--rrf_k", type=int, default=60, help="the RRF constant")
+        flags.set_defaults(run=cmd_curate)
+
+
 SUB_COMMANDS = (_add_train, _add_eval, _add_import, _add_mine, _add_soup, _add_export, _add_encode,
-                _add_run)
+                _add_curate, _add_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,3 +16,8 @@ def clean_gin_config():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU (deselect with "
+                                       "-m 'not slow')")

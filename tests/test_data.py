@@ -1,6 +1,9 @@
 """Tests for gembed.data: JSONL format and errors, built-in stdlib corpora, sources, tokenizer."""
+import hashlib
 import itertools
+import pathlib
 import re
+import sysconfig
 
 import pytest
 
@@ -69,14 +72,33 @@ def test_jsonl_missing_and_empty_files(tmp_path):
         read_jsonl(empty)
 
 
+def _expected_split(key: str) -> str:
+    """The split contract, computed here independently: SHA-256 of the key as a 256-bit integer's
+    top 64 bits, mod 100; 0-9 test (the held-out split users report on), 10-19 validation."""
+    bucket = (int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) >> 192) % 100
+    return "test" if bucket < 10 else "validation" if bucket < 20 else "train"
+
+
 @pytest.mark.parametrize("name", builtin.CORPUS_NAMES)
 def test_builtin_corpus_is_split_without_overlap(name):
-    train, test = load_builtin(name, "train"), load_builtin(name, "test")
-    assert len(train) > 1000 and len(test) > 100
-    assert len(test) < len(train) / 4
-    assert all(example.query.strip() and example.positive.strip() for example in train + test)
-    train_pairs = {(example.query, example.positive) for example in train}
-    assert not train_pairs & {(example.query, example.positive) for example in test}
+    train, validation, test = (load_builtin(name, split) for split in ("train", "validation", "test"))
+    assert len(train) > 1000 and len(test) > 100 and len(validation) > 100
+    assert len(test) < len(train) / 4 and len(validation) < len(train) / 4
+    assert all(e.query.strip() and e.positive.strip() for e in train + validation + test)
+    pairs = [{(e.query, e.positive) for e in split} for split in (train, validation, test)]
+    assert not (pairs[0] & pairs[1] or pairs[0] & pairs[2] or pairs[1] & pairs[2])
+
+
+@pytest.mark.parametrize("name", builtin.CORPUS_NAMES)
+def test_builtin_splits_follow_an_independent_hash_of_the_module_file(name):
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    expected = {split: [] for split in builtin.SPLITS}
+    for entry in builtin._build_corpora()[name]:
+        if not entry.split_key.startswith("pydoc_data.topics:"):
+            assert entry.split_key.endswith(".py") and (stdlib / entry.split_key).is_file()
+            assert not {"site-packages", "dist-packages"} & set(entry.split_key.split("/"))
+        expected[_expected_split(entry.split_key)].append(entry.example)
+    assert {split: load_builtin(name, split) for split in builtin.SPLITS} == expected
 
 
 def test_builtin_corpora_are_rebuilt_identically():
@@ -86,23 +108,29 @@ def test_builtin_corpora_are_rebuilt_identically():
     assert {key: load_builtin(*key) for key in loaded} == loaded
 
 
-def test_stdlib_code_holds_out_whole_modules_and_drops_docstrings():
+def test_stdlib_corpora_hold_out_whole_modules_and_code_drops_docstrings():
     splits_by_module = {}
-    for entry in builtin._build_corpora()["stdlib_code"]:
-        splits_by_module.setdefault(entry.split_key, set()).add(builtin._split_of(entry.split_key))
-    assert all(module.endswith(".py") for module in splits_by_module)
+    for name in builtin.CORPUS_NAMES:   # one module file: one split, in both corpora
+        for entry in builtin._build_corpora()[name]:
+            splits_by_module.setdefault(entry.split_key, set()).add(builtin._split_of(entry.split_key))
     assert all(len(splits) == 1 for splits in splits_by_module.values())
-    assert {"train", "test"} == set().union(*splits_by_module.values())
-    for example in load_builtin("stdlib_code", "train") + load_builtin("stdlib_code", "test"):
+    assert set(builtin.SPLITS) == set().union(*splits_by_module.values())
+    code = [e for split in builtin.SPLITS for e in load_builtin("stdlib_code", split)]
+    for example in code:
         assert re.match(r"(async )?def ", example.positive)
         assert example.query not in " ".join(example.positive.split())
+    # A held-out function's docstring is not a docs training positive (it was when docs were split
+    # by dotted name: the name -> docstring pair taught the name of the function to find).
+    docs_train = " \n".join(" ".join(e.positive.split()) for e in load_builtin("stdlib_docs", "train"))
+    held_out = load_builtin("stdlib_code", "test")
+    assert sum(e.query in docs_train for e in held_out) < len(held_out) / 10
 
 
 def test_builtin_errors():
     with pytest.raises(GembedUserError, match="known: stdlib_code, stdlib_docs"):
         load_builtin("stdlib_poetry", "train")
-    with pytest.raises(GembedUserError, match="unknown split 'validation'"):
-        load_builtin("stdlib_code", "validation")
+    with pytest.raises(GembedUserError, match="unknown split 'dev'.*train, validation, test"):
+        load_builtin("stdlib_code", "dev")
 
 
 def test_load_examples_resolves_specs(tmp_path):

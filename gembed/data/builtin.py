@@ -1,11 +1,14 @@
 """Built-in corpora made at run time from the installed Python standard library (no download).
 
-- ``stdlib_code``: docstring summary -> function source (docstring removed), split by module file
-  so held-out functions come from modules never seen in training.
-- ``stdlib_docs``: dotted name -> docstring, plus pydoc topic title -> topic text, split by name.
+- ``stdlib_code``: docstring summary -> function source (docstring removed).
+- ``stdlib_docs``: dotted name -> docstring, plus pydoc topic title -> topic text.
 
-About 10% of each corpus is held out as the "test" split by a stable hash, so splits are the
-same on every machine with the same Python version.
+Both are split by the module file an example comes from (pydoc topics by topic name), so a
+function held out of one corpus is held out of the other too: its docstring never reaches
+training as a docs positive while its code is a code-search test document. A stable hash of the
+key puts about 10% of keys in "test", another 10% in "validation" and the rest in "train", so
+splits are the same on every machine with the same Python version. Only the standard library's
+own sources are read (never site-packages).
 """
 import ast
 import functools
@@ -23,9 +26,11 @@ from gembed.data.examples import Example
 from gembed.errors import GembedUserError
 
 CORPUS_NAMES = ("stdlib_code", "stdlib_docs")
-SPLITS = ("train", "test")
-HELD_OUT_PERCENT = 10
-SKIPPED_DIRECTORIES = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"})
+SPLITS = ("train", "validation", "test")
+TEST_PERCENT = 10         # hash buckets 0..9
+VALIDATION_PERCENT = 10   # hash buckets 10..19
+SKIPPED_DIRECTORIES = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
+                                 "__pycache__"})
 MIN_TEXT_WORDS = 4
 MIN_BODY_LINES = 2
 MAX_CODE_CHARS = 4000
@@ -36,7 +41,7 @@ STATEMENT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)  # where a def o
 
 
 def load_builtin(name: str, split: str) -> list[Example]:
-    """Return the `split` ("train" or "test") examples of the built-in corpus `name`."""
+    """Return the `split` ("train", "validation" or "test") examples of the built-in corpus `name`."""
     if name not in CORPUS_NAMES:
         raise GembedUserError(f"unknown built-in corpus {name!r}; known: {', '.join(CORPUS_NAMES)}")
     if split not in SPLITS:
@@ -45,7 +50,7 @@ def load_builtin(name: str, split: str) -> list[Example]:
 
 
 class CorpusEntry(NamedTuple):
-    """An example and the key its split is hashed from: the module file (code) or the name (docs)."""
+    """An example and the key its split is hashed from: its module file, or a pydoc topic's name."""
 
     split_key: str
     example: Example
@@ -61,8 +66,10 @@ def _build_corpora() -> dict[str, tuple[CorpusEntry, ...]]:
         for qualname, node, in_function in definitions:
             if not in_function:
                 title = f"{module_name}.{qualname}"
-                docs.extend(CorpusEntry(title, example) for example in _docstring_examples(title, node))
-        docs.extend(CorpusEntry(module_name, example) for example in _docstring_examples(module_name, tree))
+                docs.extend(CorpusEntry(relative_path, example)
+                            for example in _docstring_examples(title, node))
+        docs.extend(CorpusEntry(relative_path, example)
+                    for example in _docstring_examples(module_name, tree))
     for topic, text in sorted(PYDOC_TOPICS.items()):
         topic_key = f"pydoc_data.topics:{topic}"
         docs.extend(CorpusEntry(topic_key, example) for example in _topic_examples(topic, text))
@@ -186,9 +193,12 @@ def _truncated(text: str, limit: int) -> str:
 
 
 def _split_of(split_key: str) -> str:
-    """Return "test" for about HELD_OUT_PERCENT% of keys, chosen by a stable hash, else "train"."""
+    """The split of a key: its SHA-256 (first 8 bytes, big-endian) mod 100 picks a bucket; buckets
+    below TEST_PERCENT are "test", the next VALIDATION_PERCENT "validation", the rest "train"."""
     bucket = int.from_bytes(hashlib.sha256(split_key.encode("utf-8")).digest()[:8], "big") % 100
-    return "test" if bucket < HELD_OUT_PERCENT else "train"
+    if bucket < TEST_PERCENT:
+        return "test"
+    return "validation" if bucket < TEST_PERCENT + VALIDATION_PERCENT else "train"
 
 
 def _deduplicated(entries: list[CorpusEntry]) -> tuple[CorpusEntry, ...]:

@@ -65,12 +65,17 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> None:
     """Write `examples` to `path` in the format read_jsonl reads."""
     with open(path, "w", encoding="utf-8") as file:
         for example in examples:
-            record = {"query": example.query, "positive": example.positive}
-            if example.negatives:
-                record["negatives"] = list(example.negatives)
-            if example.task is not None:
-                record["task"] = example.task
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            file.write(example_line(example))
+
+
+def example_line(example: Example) -> str:
+    """One JSONL line (newline included) holding `example` as read_jsonl reads it."""
+    record = {"query": example.query, "positive": example.positive}
+    if example.negatives:
+        record["negatives"] = list(example.negatives)
+    if example.task is not None:
+        record["task"] = example.task
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def _decode_line(raw_line: bytes, where: str, strip_bom: bool) -> str:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from gembed.evaluation import metrics, search
 from gembed.evaluation.context import EvalContext
-from gembed.evaluation.data_files import data_path, malformed, read_lines
+from gembed.evaluation.data_files import at_least, data_path, malformed, read_lines
 
 
 class Bitext(NamedTuple):
@@ -20,6 +20,7 @@ def load_tatoeba(data_dir, language: str) -> Bitext:
     source, english = read_lines(source_path), read_lines(english_path)
     if len(source) != len(english):
         raise malformed(english_path, None, f"{len(english)} lines but {source_path.name} has {len(source)}")
+    at_least(source_path, len(source), 2, "sentences")
     return Bitext(source, english)
 
 

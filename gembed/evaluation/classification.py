@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from gembed.evaluation import metrics
 from gembed.evaluation.context import EvalContext
-from gembed.evaluation.data_files import data_path, malformed, read_csv, read_lines
+from gembed.evaluation.data_files import at_least, data_path, malformed, read_csv, read_lines
 
 MAX_ITER = 100
 N_EXPERIMENTS = 10
@@ -97,6 +97,12 @@ def evaluate_senteval(ctx: EvalContext, data: ClassificationSet) -> dict[str, fl
     return {"main_score": scores["accuracy"], **scores}
 
 
+def _checked(data: Labelled, path) -> Labelled:
+    """`data` if it has two labelled rows of different classes (what a probe and k-means need)."""
+    at_least(path, len(set(data.labels)), 2, "distinct labels")
+    return data
+
+
 def load_banking77(data_dir) -> ClassificationSet:
     def read(split):
         path = data_path(data_dir, "banking77", f"{split}.csv")
@@ -106,7 +112,7 @@ def load_banking77(data_dir) -> ClassificationSet:
         for number, row in enumerate(rows[1:], start=2):
             if len(row) != 2:
                 raise malformed(path, number, f"expected text,category, got {len(row)} fields")
-        return Labelled([r[0] for r in rows[1:]], [r[1] for r in rows[1:]])
+        return _checked(Labelled([r[0] for r in rows[1:]], [r[1] for r in rows[1:]]), path)
     return ClassificationSet(read("train"), read("test"))
 
 
@@ -119,8 +125,11 @@ SENTEVAL_BINARY = {"mr": ("MR", "rt-polarity.pos", "rt-polarity.neg"),
 
 def load_senteval_binary(data_dir, name: str) -> ClassificationSet:
     folder, positive, negative = SENTEVAL_BINARY[name]
-    pos = read_lines(data_path(data_dir, "senteval_cls", folder, positive))
-    neg = read_lines(data_path(data_dir, "senteval_cls", folder, negative))
+    pos_path = data_path(data_dir, "senteval_cls", folder, positive)
+    neg_path = data_path(data_dir, "senteval_cls", folder, negative)
+    pos, neg = read_lines(pos_path), read_lines(neg_path)
+    at_least(pos_path, len(pos), SENTEVAL_FOLDS, "lines (one per cross-validation fold)")
+    at_least(neg_path, len(neg), SENTEVAL_FOLDS, "lines (one per cross-validation fold)")
     return ClassificationSet(Labelled(pos + neg, [1] * len(pos) + [0] * len(neg)), None)
 
 
@@ -136,7 +145,7 @@ def load_trec(data_dir) -> ClassificationSet:
                 raise malformed(path, number, "expected 'COARSE:fine question'")
             texts.append(text.strip())
             labels.append(label.split(":")[0])
-        return Labelled(texts, labels)
+        return _checked(Labelled(texts, labels), path)
     return ClassificationSet(read("train_5500.label"), read("TREC_10.label"))
 
 
@@ -158,5 +167,5 @@ def load_sst(data_dir, classes: int) -> ClassificationSet:
                 raise malformed(path, number, f"label {label.strip()!r} is not an integer")
             texts.append(text.strip())
             labels.append(int(label))
-        return Labelled(texts, labels)
+        return _checked(Labelled(texts, labels), path)
     return ClassificationSet(read("train"), read("test"))

@@ -2,18 +2,18 @@
 
 - `cosqa`: CoSQA retrieval test (500 web queries) over the 6,267-function pool, as UniXcoder.
 - `csn_ruby`: CodeXGLUE CodeSearchNet Ruby test, docstring -> code over the 1,261 test functions.
-- `stdlib_code`: built-in, held-out stdlib docstring summary -> function (no data needed).
+- `stdlib_code`: built-in stdlib docstring summary -> function over the split's functions (no
+  data needed): the test split (`stdlib_code`), or validation (`stdlib_code:validation`) for
+  every model-selection choice.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
-
 from gembed.data.builtin import load_builtin
-from gembed.evaluation import metrics, search
+from gembed.evaluation import metrics, ranking
 from gembed.evaluation.context import EvalContext
-from gembed.evaluation.data_files import data_path, malformed, read_json, read_jsonl
+from gembed.evaluation.data_files import at_least, data_path, malformed, read_json, read_jsonl
 
 
 class CodeSearchSet(NamedTuple):
@@ -36,6 +36,8 @@ def load_cosqa(data_dir, split: str = "test") -> CodeSearchSet:
     items = read_json(queries_path)
     if not isinstance(items, list):
         raise malformed(queries_path, None, "expected a JSON list of query objects")
+    at_least(pool_path, len(codes), 2, "functions")
+    at_least(queries_path, len(items), 1, "queries")
     queries, gold = [], []
     for item in items:
         if "doc" not in item or "retrieval_idx" not in item:
@@ -53,17 +55,16 @@ def load_csn(data_dir, language: str = "ruby") -> CodeSearchSet:
             raise malformed(path, number, "expected \"docstring\" and \"code\" fields")
         queries.append(row["docstring"])
         codes.append(row["code"])
+    at_least(path, len(codes), 2, "functions")
     return CodeSearchSet(queries, codes, list(range(len(codes))))
 
 
-def load_stdlib_code() -> CodeSearchSet:
-    examples = load_builtin("stdlib_code", "test")
+def load_stdlib_code(split: str = "test") -> CodeSearchSet:
+    examples = load_builtin("stdlib_code", split)
     return CodeSearchSet([e.query for e in examples], [e.positive for e in examples],
                          list(range(len(examples))))
 
 
 def evaluate(ctx: EvalContext, data: CodeSearchSet) -> dict[str, float]:
-    query_embeddings = ctx.encode(data.queries, task="code_search")
-    code_embeddings = ctx.encode(data.codes)
-    ranks = search.gold_ranks(query_embeddings, code_embeddings, np.asarray(data.gold))
+    ranks = ranking.ranker(ctx).gold_ranks(data.queries, data.codes, data.gold, task="code_search")
     return metrics.gold_rank_scores(ranks)

@@ -29,7 +29,12 @@ def data_path(data_dir: str | pathlib.Path | None, *parts: str) -> pathlib.Path:
 
 def read_text(path: pathlib.Path) -> str:
     """UTF-8, else latin-1 (SentEval's MR/CR/SUBJ/MPQA/TREC files are latin-1)."""
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise malformed(path, None, "is a folder where a file belongs")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise malformed(path, None, f"cannot be read ({error.strerror})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -43,6 +48,12 @@ def read_lines(path: pathlib.Path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
+
+
+def at_least(path: pathlib.Path, count: int, minimum: int, what: str) -> None:
+    """A user error naming `path` unless it holds `minimum` or more `what` (e.g. "scored pairs")."""
+    if count < minimum:
+        raise malformed(path, None, f"{count} {what}; this task needs at least {minimum}")
 
 
 def malformed(path: pathlib.Path, line: int | None, what: str) -> GembedUserError:

@@ -10,7 +10,7 @@ import numpy as np
 
 from gembed.evaluation import metrics
 from gembed.evaluation.context import EvalContext
-from gembed.evaluation.data_files import data_path, malformed, read_json
+from gembed.evaluation.data_files import at_least, data_path, malformed, read_json
 
 
 class PairSet(NamedTuple):
@@ -25,7 +25,9 @@ def load_cosqa_pairs(data_dir) -> PairSet:
     items = read_json(path)
     if not isinstance(items, list) or not all({"doc", "code", "label"} <= set(i) for i in items):
         raise malformed(path, None, "expected a JSON list of {doc, code, label} objects")
-    return PairSet([i["doc"] for i in items], [i["code"] for i in items], [int(i["label"]) for i in items])
+    labels = [int(i["label"]) for i in items]
+    at_least(path, min(labels.count(0), labels.count(1)), 1, "pairs of the rarer label (0 or 1)")
+    return PairSet([i["doc"] for i in items], [i["code"] for i in items], labels)
 
 
 def evaluate(ctx: EvalContext, data: PairSet) -> dict[str, float]:

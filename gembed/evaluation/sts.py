@@ -11,7 +11,7 @@ import numpy as np
 
 from gembed.evaluation import metrics
 from gembed.evaluation.context import EvalContext
-from gembed.evaluation.data_files import data_path, malformed, read_csv, read_lines, to_float
+from gembed.evaluation.data_files import at_least, data_path, malformed, read_csv, read_lines, to_float
 
 STS_YEARS = {"sts12": "STS12", "sts13": "STS13", "sts14": "STS14", "sts15": "STS15", "sts16": "STS16"}
 STSB_MULTI_LANGUAGES = ("de", "en", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh")
@@ -34,6 +34,7 @@ def load_stsb(data_dir, split: str = "test") -> Pairs:
         pairs.first.append(fields[5])
         pairs.second.append(fields[6])
         pairs.gold.append(to_float(path, number, fields[4], "score"))
+    at_least(path, len(pairs.gold), 2, "scored pairs")
     return pairs
 
 
@@ -47,6 +48,7 @@ def load_stsb_multi(data_dir, language: str, split: str = "test") -> Pairs:
         pairs.first.append(row[0])
         pairs.second.append(row[1])
         pairs.gold.append(to_float(path, number, row[2], "score"))
+    at_least(path, len(pairs.gold), 2, "scored pairs")
     return pairs
 
 
@@ -68,6 +70,7 @@ def load_sick(data_dir) -> Pairs:
         pairs.first.append(row[a])
         pairs.second.append(row[b])
         pairs.gold.append(to_float(path, number, row[score], "relatedness_score"))
+    at_least(path, len(pairs.gold), 2, "scored pairs")
     return pairs
 
 
@@ -97,6 +100,7 @@ def load_sts_year(data_dir, name: str) -> Pairs:
             pairs.first.append(fields[0])
             pairs.second.append(fields[1])
             pairs.gold.append(to_float(gold_path, number, score.strip(), "score"))
+    at_least(folder, len(pairs.gold), 2, "scored pairs")
     return pairs
 
 

@@ -2,22 +2,27 @@
 
 A task name resolves to a `Task`: its family and a function of an `EvalContext` returning
 `{"main_score": x, metric: value, ...}` on a 0-100 scale. Parametrised names take an argument
-after a colon (`stsb_multi:de`, `tatoeba:deu`). A task whose data set is absent is skipped with a
-one-line message and left out of the results (the JSON holds only tasks that ran).
+after a colon (`stsb_multi:de`, `tatoeba:deu`, `pairs:FILE.jsonl`). A task whose data set is
+absent is skipped with a one-line message and left out of the results (the JSON holds only tasks
+that ran); so is a task that needs embeddings when the model is a ranker only (BM25). A task whose
+score is not finite is a failure, not a result.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
 import time
 from typing import Callable, Sequence
 
+from gembed.data.builtin import load_builtin
+from gembed.data.jsonl import read_jsonl
 from gembed.errors import GembedUserError
 from gembed.evaluation import (bitext, classification, clustering, code_search, pair_classification,
-                               retrieval, sts)
+                               ranking, retrieval, sts)
 from gembed.evaluation.context import EvalContext
 from gembed.evaluation.data_files import DataMissing
 
@@ -43,6 +48,25 @@ def _banking77_clustering(ctx: EvalContext) -> dict:
     return clustering.evaluate(ctx, clustering.ClusteringSet([(test.texts, test.labels)]))
 
 
+def _stdlib_docs(ctx: EvalContext, split: str) -> dict:
+    """Dotted name / pydoc topic -> docstring / topic text over the split's passages (MRR@10)."""
+    return retrieval.evaluate_pairs(ctx, load_builtin("stdlib_docs", split), f"builtin:stdlib_docs:{split}")
+
+
+def _pairs_task(name: str, path: str) -> Task:
+    """Retrieval over the (query, positive) pairs of a training-format JSONL file."""
+    if not path:
+        raise GembedUserError(f"task {name!r}: after 'pairs:' give a JSONL file of (query, positive) pairs.")
+    if os.path.isdir(path):
+        raise GembedUserError(f"task {name!r}: {path} is a folder; give a JSONL file of pairs.")
+    if not os.path.isfile(path):
+        raise GembedUserError(f"task {name!r}: {path}: file not found; check the path.")
+
+    def run(ctx: EvalContext) -> dict:
+        return retrieval.evaluate_pairs(ctx, read_jsonl(path), path)
+    return Task(name, "retrieval", run, needs_data=False)
+
+
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("stsb", "sts", _sts(sts.load_stsb)),
     Task("sickr", "sts", _sts(sts.load_sick)),
@@ -53,7 +77,13 @@ TASKS: dict[str, Task] = {task.name: task for task in [
     Task("csn_ruby", "code_search",
          lambda ctx: code_search.evaluate(ctx, code_search.load_csn(ctx.data_dir, "ruby"))),
     Task("stdlib_code", "code_search",
-         lambda ctx: code_search.evaluate(ctx, code_search.load_stdlib_code()), needs_data=False),
+         lambda ctx: code_search.evaluate(ctx, code_search.load_stdlib_code("test")), needs_data=False),
+    Task("stdlib_code:validation", "code_search",
+         lambda ctx: code_search.evaluate(ctx, code_search.load_stdlib_code("validation")),
+         needs_data=False),
+    Task("stdlib_docs", "retrieval", lambda ctx: _stdlib_docs(ctx, "test"), needs_data=False),
+    Task("stdlib_docs:validation", "retrieval", lambda ctx: _stdlib_docs(ctx, "validation"),
+         needs_data=False),
     *(Task(name, "classification", _senteval(lambda d, name=name: classification.load_senteval_binary(d, name)))
       for name in classification.SENTEVAL_BINARY),
     Task("trec", "classification", _senteval(classification.load_trec)),
@@ -79,12 +109,14 @@ def get_task(name: str) -> Task:
     if name in TASKS:
         return TASKS[name]
     prefix, colon, argument = name.partition(":")
+    if colon and prefix == "pairs":
+        return _pairs_task(name, argument)
     if colon and prefix in PARAMETRISED:
         family, what, make = PARAMETRISED[prefix]
         if not argument or not argument.replace("_", "").isalnum():
             raise GembedUserError(f"task {name!r}: after '{prefix}:' give {what}.")
         return Task(name, family, make(argument))
-    known = ", ".join([*TASKS, *(f"{p}:<arg>" for p in PARAMETRISED)])
+    known = ", ".join([*TASKS, *(f"{p}:<arg>" for p in PARAMETRISED), "pairs:FILE.jsonl"])
     raise GembedUserError(f"unknown task {name!r}; known tasks: {known}.")
 
 
@@ -99,11 +131,16 @@ def parse_task_list(tasks: str | Sequence[str]) -> list[Task]:
 def evaluate(encoder, tasks: str | Sequence[str], data_dir: str | os.PathLike | None = None,
              batch_size: int = 64, dim: int | None = None,
              log: Callable[[str], None] | None = None,
-             skipped: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Runs `tasks` on `encoder`: {task: {"main_score": x, ...}} for those whose data was found.
+             skipped: dict[str, str] | None = None,
+             failed: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Runs `tasks` on `encoder`: {task: {"main_score": x, ...}} for those that ran.
 
-    Skipped tasks are reported through `log` (default: one line on stderr), recorded in `skipped`
-    (name -> reason) when given, and left out of the results.
+    `encoder` has the encoder protocol, or is a ranker (`gembed.evaluation.bm25.BM25`), which
+    runs the retrieval and code-search tasks only. Skipped tasks (data absent, or embeddings
+    needed from a ranker) are reported through `log` (default: one line on stderr), recorded in
+    `skipped` (name -> reason) when given, and left out of the results. A task with a non-finite
+    score raises GembedUserError, or, when `failed` is given, is logged, recorded there and left
+    out.
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     selected = parse_task_list(tasks)
@@ -112,12 +149,28 @@ def evaluate(encoder, tasks: str | Sequence[str], data_dir: str | os.PathLike | 
     results: dict[str, dict[str, float]] = {}
     for task in selected:
         start = time.perf_counter()
-        try:
-            scores = task.run(ctx)
-        except DataMissing as missing:
-            log(f"gembed eval: skipping {task.name}: {missing}")
+        scores, skip_reason = None, None
+        if not ranking.is_encoder(encoder) and task.family not in ranking.RANKING_FAMILIES:
+            skip_reason = (f"{getattr(encoder, 'name', 'this model')} only ranks documents (retrieval "
+                           f"and code-search tasks); {task.family} needs embeddings")
+        else:
+            try:
+                scores = task.run(ctx)
+            except DataMissing as missing:
+                skip_reason = str(missing)
+        if skip_reason is not None:
+            log(f"gembed eval: skipping {task.name}: {skip_reason}")
             if skipped is not None:
-                skipped[task.name] = str(missing)
+                skipped[task.name] = skip_reason
+            continue
+        non_finite = [f"{metric}={value}" for metric, value in scores.items() if not math.isfinite(value)]
+        if non_finite:
+            reason = (f"non-finite score ({', '.join(non_finite)}): the model's embeddings or the "
+                      f"task's data are degenerate (NaN params, constant or too few scored rows)")
+            if failed is None:
+                raise GembedUserError(f"task {task.name}: {reason}.")
+            log(f"gembed eval: {task.name} failed: {reason}")
+            failed[task.name] = reason
             continue
         results[task.name] = {"main_score": scores["main_score"],
                               **{k: v for k, v in scores.items() if k != "main_score"},

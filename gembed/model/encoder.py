@@ -6,6 +6,10 @@ True for real tokens; padding is on the right.
 Packed rows (`gembed.data.packing`) hold several texts each: `segment_ids` int32[B, L] names the
 text of every token (tokens attend only within their text) and `positions` int32[B, L] its
 position in that text, so a packed text gets the hidden states it would get alone in a row.
+
+Decoding passes `cache_index` (see `gembed.model.layers`): the L tokens fill cache slots
+cache_index.. and attend causally over the cached slots, padding (mask False) never attended;
+padding may then be on either side, with `positions` counting each row's real tokens.
 """
 import math
 
@@ -31,9 +35,11 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
-                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                 cache_index: jax.Array | None = None) -> jax.Array:
         """token_ids: int32[B, L]; mask: bool[B, L]; optional segment_ids, positions: int32[B, L]
-        (default: one text per row at positions 0..L-1) → final hidden states float32[B, L, D]."""
+        (default: one text per row at positions 0..L-1) → final hidden states float32[B, L, D].
+        `cache_index` (int32 scalar): decode through the "cache" collection (module docstring)."""
         config = self.config
         length = token_ids.shape[1]
         if positions is None:
@@ -52,13 +58,25 @@ class Encoder(nn.Module):
                 jnp.zeros((1, 1), jnp.int32))
         if config.embedding_norm:
             x = Norm(config, name="embedding_norm")(x)
-        visible = attention_mask(mask, segment_ids)
+        if cache_index is None:
+            visible = attention_mask(mask, segment_ids)
+        else:
+            visible = self._cached_visibility(mask, cache_index)
         for index in range(config.num_layers):
-            x = TransformerBlock(config, name=f"layer_{index}")(x, visible, positions,
-                                                                deterministic=deterministic)
+            x = TransformerBlock(config, name=f"layer_{index}")(
+                x, visible, positions, deterministic=deterministic, cache_index=cache_index)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
+
+    def _cached_visibility(self, mask: jax.Array, cache_index: jax.Array) -> jax.Array:
+        """bool[B, 1, L, S]: the real cache slots at or before each new token's slot, after
+        recording the new tokens' mask bool[B, L] in the cached slot mask bool[B, S]."""
+        cached = self.variable("cache", "slot_mask", jnp.zeros, mask.shape, bool)
+        cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, mask, cache_index, axis=1)
+        query_slots = cache_index + jnp.arange(mask.shape[1])
+        causal = jnp.arange(cached.value.shape[1])[None, :] <= query_slots[:, None]
+        return cached.value[:, None, None, :] & causal[None, None]
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:

@@ -2,6 +2,10 @@
 
 Shapes: B batch, L sequence length, D hidden_size, N query heads, K key/value heads,
 H head_dim. Parameters are float32; activations are in `config.compute_dtype`.
+
+Decoding (`gembed.generation`) passes a `cache_index`: the keys and values of the L new tokens are
+written into the "cache" collection (cached_key, cached_value: [B, S, K, H], S slots) at slots
+cache_index..cache_index+L-1, and the queries attend over all S slots under `visible`.
 """
 import jax
 import jax.numpy as jnp
@@ -86,9 +90,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
+                 cache_index: jax.Array | None = None) -> jax.Array:
         """x: [B, L, D]; visible: bool[B, 1, 1 or L, L] (`attention_mask`); positions:
-        int32[B or 1, L] (RoPE) → [B, L, D]."""
+        int32[B or 1, L] (RoPE) → [B, L, D]. With `cache_index` (int32 scalar), keys and values
+        go through the KV cache and visible is bool[B, 1, L, S] over its slots."""
         config = self.config
         batch, length, hidden = x.shape
         heads, kv_heads, head_dim = (
@@ -102,10 +108,24 @@ class Attention(nn.Module):
         if config.position_embedding == "rope":
             query = apply_rotary_embedding(query, positions, config.rope_theta)
             key = apply_rotary_embedding(key, positions, config.rope_theta)
-        attended = softmax_attention(query, key, value, visible,
-                                     is_causal=config.attention_mask == "causal")
+        causal = config.attention_mask == "causal"
+        if cache_index is not None:   # visible already holds the causal mask over cache slots
+            key, value = self._through_cache(key, value, cache_index)
+            causal = False
+        attended = softmax_attention(query, key, value, visible, is_causal=causal)
         attended = attended.reshape(batch, length, heads * head_dim)
         return dense(config, hidden, config.use_bias, "output")(attended)
+
+    def _through_cache(self, key: jax.Array, value: jax.Array, cache_index: jax.Array):
+        """Writes key, value [B, L, K, H] at slot cache_index of the cached [B, S, K, H] (created
+        with the inputs' shape when initialising) and returns the whole updated cache."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cached_key.value = jax.lax.dynamic_update_slice_in_dim(
+            cached_key.value, key.astype(cached_key.value.dtype), cache_index, axis=1)
+        cached_value.value = jax.lax.dynamic_update_slice_in_dim(
+            cached_value.value, value.astype(cached_value.value.dtype), cache_index, axis=1)
+        return cached_key.value, cached_value.value
 
 
 class Mlp(nn.Module):
@@ -148,12 +168,13 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array, *,
-                 deterministic: bool = True) -> jax.Array:
-        """x: [B, L, D]; visible, positions: see `Attention` → [B, L, D]."""
+                 deterministic: bool = True, cache_index: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D]."""
         config = self.config
         attention = Attention(config, name="attention")
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
-        x = residual(x, Norm(config, name="attention_norm"), lambda y: attention(y, visible, positions),
+        x = residual(x, Norm(config, name="attention_norm"),
+                     lambda y: attention(y, visible, positions, cache_index),
                      dropout, config.norm_position)
         return residual(x, Norm(config, name="mlp_norm"), Mlp(config, name="mlp"),
                         dropout, config.norm_position)
