@@ -110,6 +110,9 @@ def test_sentencepiece_tokenizer_json_differs_from_sentencepiece_only_at_exact_t
     assert sentencepiece_model.encode(texts, 10 ** 6) == ours   # gembed encodes with the same
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(pathlib.Path(sentencepiece_model.path).read_bytes())
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    special_characters = {c for piece in proto.pieces if piece.type != normal for c in piece.piece}
+    assert special_characters <= {piece.piece for piece in proto.pieces}   # else names may match
     scores = [fractions.Fraction(piece.score) for piece in proto.pieces]   # exact float32 values
     differing = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
     assert differing   # the check below is exercised

@@ -5,10 +5,12 @@ SentencePiece encodes by a Viterbi search over the whole normalised text (no pre
 only its NORMAL pieces; control, unknown and byte pieces never match text (bytes stand in for
 unknown characters). A `tokenizers` Unigram model matches every vocabulary entry, so the
 non-NORMAL entries get a score far below any NORMAL path: a literal "</s>" or "<0x0A>" in a text
-then tokenises into characters as in SentencePiece (this needs their characters to be pieces,
-which is checked). The score only shifts the constant unknown-character penalty (`min_score` -
-10 in both), which every competing path pays equally. Normalisation is gembed's trainer's:
-identity rule, a "▁" dummy prefix, spaces escaped to "▁", whitespace kept as is.
+then tokenises into characters as in SentencePiece, as long as those characters are pieces (when
+one is not, the literal name wins over the unknown-character path: the one way, besides exact
+score ties, in which this tokenizer differs from SentencePiece). The low score only shifts the
+unknown-character penalty (`min_score` - 10 in both), which every competing path pays equally.
+Normalisation is gembed's trainer's: identity rule, a "▁" dummy prefix, spaces escaped to "▁",
+whitespace kept as is.
 """
 from __future__ import annotations
 
@@ -60,16 +62,8 @@ def sentencepiece_to_tokenizers(path: str | pathlib.Path) -> tokenizers.Tokenize
         raise GembedUserError(f"{path}: not a SentencePiece model ({e}); point to the workdir's "
                               f"tokenizer.model.") from None
     _check_supported(model, path)
-    normal = [piece for piece in model.pieces if piece.type == PIECE.NORMAL]
-    single_characters = {piece.piece for piece in normal if len(piece.piece) == 1}
-    floor = min(piece.score for piece in normal) - UNMATCHABLE_MARGIN
-    unmatchable = [piece.piece for piece in model.pieces if piece.type != PIECE.NORMAL]
-    uncovered = sorted({char for piece in unmatchable for char in piece} - single_characters)
-    if uncovered:
-        raise GembedUserError(
-            f"{path}: the characters {uncovered} of its special and byte pieces are not pieces "
-            f"themselves, so a text containing such a piece's name would tokenise differently; "
-            f"retrain the tokenizer on text that contains them.")
+    floor = min(piece.score for piece in model.pieces if piece.type == PIECE.NORMAL)
+    floor -= UNMATCHABLE_MARGIN
     vocab = [(piece.piece, piece.score if piece.type == PIECE.NORMAL else floor)
              for piece in model.pieces]
     unk_id = next(i for i, piece in enumerate(model.pieces) if piece.type == PIECE.UNKNOWN)

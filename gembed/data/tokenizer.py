@@ -7,8 +7,9 @@ A model trained here encodes through its `tokenizers` Unigram equivalent
 (`gembed.data.sentencepiece_json`), the tokenizer.json an export ships, so gembed, transformers and
 TEI give the same ids by construction. That is SentencePiece's segmentation except where two
 segmentations score exactly the same (e.g. runs of spaces split as 3+1 or 1+3): SentencePiece's
-float32 Viterbi breaks such ties by rounding, the Unigram's float64 one by position. A model
-trained elsewhere (other normalisation, user-defined symbols) encodes with SentencePiece itself.
+float32 Viterbi breaks such ties by rounding, the Unigram's float64 one by position (and for a
+literal special-piece name such as "</s>" whose characters are not all pieces). A model trained
+elsewhere (other normalisation, user-defined symbols) encodes with SentencePiece itself.
 """
 import io
 import itertools
