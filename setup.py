@@ -14,6 +14,8 @@ CORE = [
     "gin-config==0.5.0",
     "safetensors>=0.4",
     "tokenizers>=0.19",
+    "huggingface_hub>=0.23",   # hf:ORG/NAME sources (gembed.convert.hub)
+    "protobuf>=3.20",          # reading SentencePiece models (gembed.data.sentencepiece_json)
     "numpy>=1.26",
     "scikit-learn>=1.4",
     "tqdm>=4.66",

@@ -139,6 +139,17 @@ def cmd_soup(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "sentence-transformers":
+        from gembed.convert.exporter import export_sentence_transformers
+
+        if args.dtype != "float32":
+            raise GembedUserError(f"--dtype={args.dtype} applies to --format=gembed only; "
+                                  f"sentence-transformers folders are float32.")
+        path = export_sentence_transformers(args.checkpoint, args.output,
+                                            max_length=args.max_length,
+                                            eval_results=args.eval_results)
+        print(f"gembed: wrote sentence-transformers folder {path}")
+        return
     from gembed.export import export
 
     path = export(args.checkpoint, args.output, max_length=args.max_length,
@@ -250,7 +261,9 @@ def _add_eval(commands) -> None:
 def _add_import(commands) -> None:
     convert = commands.add_parser("import", help="convert a Hugging Face / sentence-transformers "
                                   "folder (safetensors) to a model folder")
-    convert.add_argument("--source", required=True, help="the source model folder")
+    convert.add_argument("--source", required=True,
+                         help="the source model folder, or hf:ORG/NAME[@REVISION] (Hugging Face "
+                              "cache, an installed weights package, or a download)")
     convert.add_argument("--output", required=True, help="the model folder to write (new)")
     convert.add_argument("--attention", choices=("causal", "bidirectional"),
                          help="decoders: keep the causal mask (default) or remove it")
@@ -316,7 +329,14 @@ def _add_soup(commands) -> None:
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a model folder from a checkpoint")
     export.add_argument("--checkpoint", required=True,
-                        help="a training workdir (latest step), a step folder, or a soup")
+                        help="a training workdir (latest step), a step folder, or a soup (with "
+                             "--format=sentence-transformers also a model folder)")
+    export.add_argument("--format", choices=("gembed", "sentence-transformers"), default="gembed",
+                        help="a gembed model folder, or a folder that sentence-transformers, "
+                             "transformers and text-embeddings-inference load")
+    export.add_argument("--eval_results",
+                        help="sentence-transformers format: a `gembed eval --output` JSON whose "
+                             "scores the model card shows")
     export.add_argument("--output", required=True, help="the model folder to write")
     export.add_argument("--max_length", type=int,
                         help="tokens per text (default: the MAX_LENGTH the run trained with)")

@@ -18,6 +18,7 @@ from typing import Sequence
 import gin
 
 from gembed import model_folder
+from gembed.convert import hub, hub_folder
 from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
 from gembed.evaluation.tasks import parse_task_list
@@ -236,9 +237,12 @@ def build_stage_config() -> StageConfig:
     """Instantiates the configured dataclasses (call after `parse_gin`).
 
     When INIT_FROM is a model folder, the model is the folder's architecture (see
-    `model_folder.finetune_model_config` for which ModelConfig bindings still apply).
+    `model_folder.finetune_model_config` for which ModelConfig bindings still apply); an
+    `hf:ORG/NAME` INIT_FROM becomes the model folder it imports to (`hub_folder`).
     """
     train = TrainConfig()
+    if hub.is_hub_name(train.init_from):
+        train = dataclasses.replace(train, init_from=str(hub_folder.hub_model_folder(train.init_from)))
     model = ModelConfig()
     if model_folder.is_model_folder(train.init_from):
         model = model_folder.finetune_model_config(

@@ -25,7 +25,9 @@ import tokenizers
 from gembed import generation, sharding
 from gembed.chat_template import compile_chat_template, read_chat_template, render_user_turn
 from gembed.convert import decoder
+from gembed.convert.families import family_of
 from gembed.convert.source import read_json, read_source
+from gembed.convert.weight_table import import_encoder
 from gembed.data.batching import bucket_length
 from gembed.data.hf_tokenizer import TOKENIZER_JSON, read_special_tokens
 from gembed.errors import GembedUserError
@@ -56,10 +58,12 @@ def read_causal_lm(folder: pathlib.Path, dtype: str = "float32") -> tuple[ModelC
     if model_type not in decoder.MODEL_TYPES:
         raise GembedUserError(f"{where}: model_type {model_type!r} is not a supported decoder "
                               f"({', '.join(decoder.MODEL_TYPES)}); pick one of those families.")
-    config = dataclasses.replace(
-        decoder.decoder_model_config(source.config, "causal", "last", where), dtype=dtype)
+    family = family_of(model_type, where)
+    tensors = family.source_tensors(source.weights)
+    config = dataclasses.replace(family.model_config(
+        source.config, tensors, attention="causal", pooling="last", where=where), dtype=dtype)
     params: dict[str, Any] = {
-        "encoder": decoder.decoder_params(source.weights, config, source.transformer_dir)}
+        "encoder": import_encoder(family, tensors, config, source.transformer_dir)}
     if not source.config.get("tie_word_embeddings", TIED_BY_DEFAULT[model_type]):
         head = source.weights.get("lm_head.weight")
         if head is None or head.shape != (config.vocab_size, config.hidden_size):

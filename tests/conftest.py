@@ -7,6 +7,10 @@ import gin
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (deselect with -m 'not slow')")
+
+
 @pytest.fixture(autouse=True)
 def clean_gin_config():
     gin.clear_config()

@@ -1,27 +1,41 @@
-"""Decoder LLMs (Hugging Face `model_type` llama, qwen2, gemma) -> gembed.
+"""Decoder LLMs (Hugging Face `model_type` llama, qwen2, gemma) as `Family` tables.
 
 Pre-norm RMSNorm blocks, RoPE (`rotate_half` layout, default rope type only), gated MLP and
 grouped-query attention. Qwen2 has q/k/v biases only; Gemma scales token embeddings by
 sqrt(hidden_size) and its RMSNorm by (1 + w). The LM head is dropped: only hidden states matter.
-The causal mask can be kept or removed (bidirectional), and the pooling chosen.
+The attention is causal unless config.json says otherwise (`is_causal: false` or
+`use_bidirectional_attention: true`) or the importer is told; the export writes both flags.
 """
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from gembed.convert.model_config import source_model_config
-from gembed.convert.weight_map import WeightMap
+from gembed.convert.weight_table import Family
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
 
-MODEL_TYPES = ("llama", "qwen2", "gemma")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu", "relu": "relu"}
+HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
 # Tensors that play no part in the embedding: the LM head, rotary buffers.
 IGNORED = r"lm_head\.weight|layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+MODULES = {
+    "token_embedding": "embed_tokens",
+    "layer_{i}/attention_norm": "layers.{i}.input_layernorm",
+    "layer_{i}/attention/query": "layers.{i}.self_attn.q_proj",
+    "layer_{i}/attention/key": "layers.{i}.self_attn.k_proj",
+    "layer_{i}/attention/value": "layers.{i}.self_attn.v_proj",
+    "layer_{i}/attention/output": "layers.{i}.self_attn.o_proj",
+    "layer_{i}/mlp_norm": "layers.{i}.post_attention_layernorm",
+    "layer_{i}/mlp/gate": "layers.{i}.mlp.gate_proj",
+    "layer_{i}/mlp/up": "layers.{i}.mlp.up_proj",
+    "layer_{i}/mlp/down": "layers.{i}.mlp.down_proj",
+    "final_norm": "norm",
+}
 
 
 def _rope_theta(config: dict[str, Any], where: pathlib.Path) -> float:
@@ -48,9 +62,16 @@ def _biases(config: dict[str, Any], model_type: str, where: pathlib.Path) -> tup
     return mlp_bias, attention_bias
 
 
-def decoder_model_config(config: dict[str, Any], attention_mask: str, pooling: str,
-                         where: pathlib.Path) -> ModelConfig:
-    """The gembed architecture of a Llama/Qwen2/Gemma config.json."""
+def configured_attention(config: dict[str, Any]) -> str:
+    """'bidirectional' when config.json turns the causal mask off, else 'causal'."""
+    if config.get("is_causal") is False or config.get("use_bidirectional_attention") is True:
+        return "bidirectional"
+    return "causal"
+
+
+def decoder_model_config(config: dict[str, Any], tensors: Mapping[str, np.ndarray] | None,
+                         attention: str | None, pooling: str, where: pathlib.Path) -> ModelConfig:
+    """The gembed architecture of a Llama/Qwen2/Gemma config.json (`Family.model_config`)."""
     model_type = config["model_type"]
     if config.get("use_sliding_window") or any(
             kind != "full_attention" for kind in config.get("layer_types") or ()):
@@ -73,34 +94,50 @@ def decoder_model_config(config: dict[str, Any], attention_mask: str, pooling: s
         rmsnorm_unit_offset=gemma, norm_position="pre", final_norm=True,
         position_embedding="rope", max_position_embeddings=config.get("max_position_embeddings", 512),
         rope_theta=_rope_theta(config, where), embedding_scale=gemma, use_bias=use_bias,
-        qkv_bias=qkv_bias, attention_mask=attention_mask, pooling=pooling, dtype="float32")
+        qkv_bias=qkv_bias, attention_mask=attention or configured_attention(config),
+        pooling=pooling, dtype="float32")
 
 
-def decoder_params(weights: dict[str, np.ndarray], model: ModelConfig, where: pathlib.Path) -> dict:
-    """gembed `encoder` params from decoder tensors (with or without the "model." prefix)."""
-    prefix = "model." if any(name.startswith("model.") for name in weights) else ""
-    source = WeightMap(weights, prefix, where)
-    hidden, mlp = model.hidden_size, model.mlp_dim
-    query_width = model.num_heads * model.effective_head_dim
-    kv_width = model.effective_num_kv_heads * model.effective_head_dim
-    qkv_bias, bias = model.effective_qkv_bias, model.use_bias
-    encoder = {"token_embedding": {"embedding": source.tensor(
-        "embed_tokens.weight", (model.vocab_size, hidden))}}
-    for index in range(model.num_layers):
-        layer = f"layers.{index}."
-        encoder[f"layer_{index}"] = {
-            "attention_norm": source.norm(f"{layer}input_layernorm", hidden, bias=False),
-            "attention": {
-                "query": source.linear(f"{layer}self_attn.q_proj", hidden, query_width, qkv_bias),
-                "key": source.linear(f"{layer}self_attn.k_proj", hidden, kv_width, qkv_bias),
-                "value": source.linear(f"{layer}self_attn.v_proj", hidden, kv_width, qkv_bias),
-                "output": source.linear(f"{layer}self_attn.o_proj", query_width, hidden, bias),
-            },
-            "mlp_norm": source.norm(f"{layer}post_attention_layernorm", hidden, bias=False),
-            "mlp": {"gate": source.linear(f"{layer}mlp.gate_proj", hidden, mlp, bias),
-                    "up": source.linear(f"{layer}mlp.up_proj", hidden, mlp, bias),
-                    "down": source.linear(f"{layer}mlp.down_proj", mlp, hidden, bias)},
+def _decoder_hf_config(model_type: str):
+    """The `Family.hf_config` of one decoder family."""
+
+    def hf_config(model: ModelConfig) -> dict[str, Any]:
+        activation = HF_ACTIVATIONS[model.mlp_activation]
+        config = {
+            "model_type": model_type, "vocab_size": model.vocab_size,
+            "hidden_size": model.hidden_size, "num_hidden_layers": model.num_layers,
+            "num_attention_heads": model.num_heads,
+            "num_key_value_heads": model.effective_num_kv_heads,
+            "head_dim": model.effective_head_dim, "intermediate_size": model.mlp_dim,
+            "hidden_act": activation, "rms_norm_eps": model.norm_eps,
+            "max_position_embeddings": model.max_position_embeddings,
+            "rope_theta": model.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+            "attention_dropout": 0.0, "tie_word_embeddings": False,
+            # transformers >= 5.2 reads is_causal; TEI reads is_causal (Qwen2) or
+            # use_bidirectional_attention (Llama); transformers' Gemma reads both.
+            "is_causal": model.attention_mask == "causal",
+            "use_bidirectional_attention": model.attention_mask == "bidirectional",
         }
-    encoder["final_norm"] = source.norm("norm", hidden, bias=False)
-    source.check_all_used(IGNORED)
-    return encoder
+        if model_type == "llama":
+            config |= {"attention_bias": model.effective_qkv_bias, "mlp_bias": model.use_bias}
+        if model_type == "qwen2":
+            config |= {"use_sliding_window": False}
+        if model_type == "gemma":
+            config |= {"hidden_activation": activation}
+        return config
+
+    return hf_config
+
+
+def _family(model_type: str, architecture: str) -> Family:
+    return Family(model_type=model_type, architecture=architecture, modules=MODULES,
+                  prefix="model.", ignored=IGNORED, default_pooling="last",
+                  model_config=decoder_model_config, hf_config=_decoder_hf_config(model_type))
+
+
+LLAMA = _family("llama", "LlamaModel")
+QWEN2 = _family("qwen2", "Qwen2Model")
+GEMMA = _family("gemma", "GemmaModel")
+FAMILIES = (LLAMA, QWEN2, GEMMA)
+MODEL_TYPES = tuple(family.model_type for family in FAMILIES)

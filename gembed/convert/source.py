@@ -3,7 +3,9 @@
 A plain Hugging Face folder holds config.json and safetensors weights (one model.safetensors, or
 shards named by model.safetensors.index.json). A sentence-transformers folder adds modules.json:
 module 0 (Transformer) names the subfolder with those files, a Pooling module its pooling mode,
-an optional Normalize module; sentence_bert_config.json gives the max sequence length.
+an optional Dense module (identity activation: a linear projection), an optional Normalize
+module; sentence_bert_config.json gives the max sequence length, config_sentence_transformers.json
+the prompts (and, in gembed's exports, a "gembed" record: log_scale and Matryoshka sizes).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from gembed.errors import GembedUserError
 # sentence-transformers Pooling modes -> gembed pooling.
 ST_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "first",
                "pooling_mode_lasttoken": "last"}
-ST_MODULES = ("Transformer", "Pooling", "Normalize")
+ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+IDENTITY = "torch.nn.modules.linear.Identity"
+ST_CONFIG = "config_sentence_transformers.json"
 CONVERT_HINT = ("convert it with transformers: AutoModel.from_pretrained(SRC)"
                 ".save_pretrained(SRC, safe_serialization=True)")
 
@@ -28,7 +32,8 @@ CONVERT_HINT = ("convert it with transformers: AutoModel.from_pretrained(SRC)"
 @dataclasses.dataclass(frozen=True)
 class SourceModel:
     """A source checkpoint: its config.json, float32 weights by their Hugging Face names, and the
-    sentence-transformers pooling ('mean' | 'first' | 'last') and max length when it has them."""
+    sentence-transformers pooling ('mean' | 'first' | 'last'), projection ({"kernel": [in, out],
+    "bias"} of a Dense module), max length, prompts and gembed record when it has them."""
 
     root: pathlib.Path
     transformer_dir: pathlib.Path
@@ -36,6 +41,9 @@ class SourceModel:
     weights: dict[str, np.ndarray]
     pooling: str | None
     max_seq_length: int | None
+    projection: dict[str, np.ndarray] | None = None
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    gembed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -80,18 +88,43 @@ def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def _sentence_transformers_modules(root: pathlib.Path) -> tuple[pathlib.Path, str | None]:
-    """(transformer folder, pooling or None) from modules.json; (root, None) without one."""
+def _projection(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """A Dense module's linear map as gembed projection params; only identity activations."""
+    settings = read_json(directory / "config.json")
+    if settings.get("activation_function") != IDENTITY or settings.get("use_residual"):
+        raise GembedUserError(
+            f"{directory / 'config.json'}: a Dense module with activation "
+            f"{settings.get('activation_function')!r} (or a residual) is not supported (only "
+            f"{IDENTITY}); import a model without it.")
+    weights = read_weights(directory)
+    shape = (settings["out_features"], settings["in_features"])
+    if weights.get("linear.weight", np.empty(0)).shape != shape:
+        raise GembedUserError(f"{directory}: linear.weight missing or not of shape {shape}; "
+                              f"re-download the source model.")
+    projection = {"kernel": np.ascontiguousarray(weights["linear.weight"].T)}
+    if settings.get("bias", True):
+        projection["bias"] = weights["linear.bias"]
+    return projection
+
+
+def _sentence_transformers_modules(root: pathlib.Path
+                                   ) -> tuple[pathlib.Path, str | None, dict | None]:
+    """(transformer folder, pooling or None, projection or None) from modules.json; (root, None,
+    None) without one."""
     if not (root / "modules.json").is_file():
-        return root, None
+        return root, None, None
     modules = json.loads((root / "modules.json").read_text())
-    transformer_dir, pooling = root, None
-    for module in modules:
-        kind = module["type"].rsplit(".", 1)[-1]
-        if kind not in ST_MODULES:
-            raise GembedUserError(
-                f"{root / 'modules.json'}: sentence-transformers module {module['type']} is not "
-                f"supported (only {', '.join(ST_MODULES)}); import a model without it.")
+    kinds = [module["type"].rsplit(".", 1)[-1] for module in modules]
+    in_order = [kind for kind in ST_MODULES if kind in kinds]
+    if kinds != in_order or kinds[:1] != ["Transformer"] or ("Dense" in kinds and "Pooling" not in kinds):
+        raise GembedUserError(
+            f"{root / 'modules.json'}: sentence-transformers modules {kinds} are not supported "
+            f"(only Transformer, then Pooling, Dense and Normalize in that order, each optional); "
+            f"import a model without the others.")
+    transformer_dir, pooling, projection = root, None, None
+    for module, kind in zip(modules, kinds):
+        if kind == "Dense":
+            projection = _projection(root / module["path"])
         if kind == "Transformer":
             transformer_dir = root / module["path"]
         if kind == "Pooling":
@@ -103,7 +136,7 @@ def _sentence_transformers_modules(root: pathlib.Path) -> tuple[pathlib.Path, st
                     f"{pooling_path}: pooling {modes} is not supported (one of "
                     f"{', '.join(ST_POOLINGS)}); pass --pooling to choose one.")
             pooling = ST_POOLINGS[modes[0]]
-    return transformer_dir, pooling
+    return transformer_dir, pooling, projection
 
 
 def read_source(root: str | pathlib.Path) -> SourceModel:
@@ -112,7 +145,7 @@ def read_source(root: str | pathlib.Path) -> SourceModel:
     if not root.is_dir():
         raise GembedUserError(f"{root}: --source is not a folder; point it at a model folder.")
     try:
-        transformer_dir, pooling = _sentence_transformers_modules(root)
+        transformer_dir, pooling, projection = _sentence_transformers_modules(root)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise GembedUserError(
             f"{root / 'modules.json'}: malformed ({e}); re-download the source model.") from None
@@ -125,7 +158,10 @@ def read_source(root: str | pathlib.Path) -> SourceModel:
                 f"{st_config}: do_lower_case=true is not supported; lowercase in the tokenizer "
                 f"instead or import the bare transformer.")
         max_seq_length = settings.get("max_seq_length")
+    model_settings = read_json(root / ST_CONFIG) if (root / ST_CONFIG).is_file() else {}
     return SourceModel(root=root, transformer_dir=transformer_dir,
                        config=read_json(transformer_dir / "config.json"),
                        weights=read_weights(transformer_dir), pooling=pooling,
-                       max_seq_length=max_seq_length)
+                       max_seq_length=max_seq_length, projection=projection,
+                       prompts=dict(model_settings.get("prompts") or {}),
+                       gembed=dict(model_settings.get("gembed") or {}))

@@ -11,20 +11,27 @@ import numpy as np
 
 from gembed.errors import GembedUserError
 
+# Old (TensorFlow-converted) BERT checkpoints name LayerNorm params gamma/beta.
+LEGACY_NORM_NAMES = {".weight": ".gamma", ".bias": ".beta"}
+
 
 class WeightMap:
-    """Float32 source tensors by name, with an optional model prefix ("bert.", "model.") stripped."""
+    """Float32 source tensors by name; `where` names the source in errors."""
 
-    def __init__(self, weights: dict[str, np.ndarray], prefix: str, where: pathlib.Path):
+    def __init__(self, weights: dict[str, np.ndarray], where: pathlib.Path):
         self.where = where
-        self._weights = {name.removeprefix(prefix): value for name, value in weights.items()}
+        self._weights = weights
         self._used: set[str] = set()
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor `name`, checked to have `shape`."""
+        """The tensor `name` (or its legacy gamma/beta name), checked to have `shape`."""
         if name not in self._weights:
-            raise GembedUserError(
-                f"{self.where}: tensor {name} missing; the weights do not match config.json.")
+            suffix = next((s for s in LEGACY_NORM_NAMES if name.endswith(s)), None)
+            legacy = suffix and name.removesuffix(suffix) + LEGACY_NORM_NAMES[suffix]
+            if legacy not in self._weights:
+                raise GembedUserError(
+                    f"{self.where}: tensor {name} missing; the weights do not match config.json.")
+            name = legacy
         value = self._weights[name]
         if value.shape != shape:
             raise GembedUserError(
@@ -32,21 +39,6 @@ class WeightMap:
                 f"{shape}; the weights do not match config.json.")
         self._used.add(name)
         return value
-
-    def linear(self, name: str, in_features: int, out_features: int, bias: bool) -> dict:
-        """A torch Linear `name` (weight [out, in]) as a Dense {"kernel": [in, out], "bias"}."""
-        params = {"kernel": self.tensor(f"{name}.weight", (out_features, in_features)).T.copy()}
-        if bias:
-            params["bias"] = self.tensor(f"{name}.bias", (out_features,))
-        return params
-
-    def norm(self, name: str, features: int, bias: bool) -> dict:
-        """A LayerNorm/RMSNorm `name` as {"scale", "bias"}; old BERT names are gamma/beta."""
-        old_style = f"{name}.gamma" in self._weights
-        params = {"scale": self.tensor(f"{name}.{'gamma' if old_style else 'weight'}", (features,))}
-        if bias:
-            params["bias"] = self.tensor(f"{name}.{'beta' if old_style else 'bias'}", (features,))
-        return params
 
     def check_all_used(self, ignored: str) -> None:
         """Raises if a tensor was neither used nor matched by the `ignored` regex."""

@@ -2,6 +2,14 @@
 
 Tokenizers are tagged with `kind` and share a small interface (vocab_size, the special ids and
 `encode`) so other implementations can stand in for this one.
+
+A model trained here encodes through its `tokenizers` Unigram equivalent
+(`gembed.data.sentencepiece_json`), the tokenizer.json an export ships, so gembed, transformers and
+TEI give the same ids by construction. That is SentencePiece's segmentation except where two
+segmentations score exactly the same (e.g. runs of spaces split as 3+1 or 1+3): SentencePiece's
+float32 Viterbi breaks such ties by rounding, the Unigram's float64 one by position (and for a
+literal special-piece name such as "</s>" whose characters are not all pieces). A model trained
+elsewhere (other normalisation, user-defined symbols) encodes with SentencePiece itself.
 """
 import io
 import itertools
@@ -12,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece
 
+from gembed.data.sentencepiece_json import sentencepiece_to_tokenizers
 from gembed.errors import GembedUserError
 
 MAX_TRAINING_TEXTS = 200_000
@@ -62,12 +71,19 @@ class SentencePieceTokenizer:
                 f"{self.path}: SentencePiece model has no pad or eos piece; "
                 "retrain it with train_sentencepiece"
             )
+        try:
+            self._unigram = sentencepiece_to_tokenizers(self.path)
+        except GembedUserError:  # not a model this package trains: SentencePiece's own encoder
+            self._unigram = None
 
     def encode(self, texts: Sequence[str], max_length: int, add_eos: bool = False) -> list[list[int]]:
         """Token ids per text, truncated to `max_length` ids; with `add_eos` the last id is always eos."""
         if max_length < 1:
             raise GembedUserError(f"max_length must be at least 1, got {max_length}; raise MAX_LENGTH")
-        encoded = self._processor.encode(list(texts), out_type=int)
+        if self._unigram is not None:
+            encoded = [encoding.ids for encoding in self._unigram.encode_batch(list(texts))]
+        else:
+            encoded = self._processor.encode(list(texts), out_type=int)
         if add_eos:
             return [ids[: max_length - 1] + [self.eos_id] for ids in encoded]
         return [ids[:max_length] for ids in encoded]
