@@ -152,6 +152,7 @@ def round_rate(answer: dict) -> float:
 
 def main() -> None:
     parser = _common.argument_parser(__doc__, batch_size=32)
+    parser.add_argument("--max_length", type=int, default=128, help="MAX_LENGTH")
     parser.add_argument("--steps", type=int, default=25, help="optimizer steps per round")
     parser.add_argument("--window", type=int, default=5, help="steps per timing window")
     parser.add_argument("--chunk_size", type=int, help="gradient caching (peer: CachedMNRL)")
@@ -165,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         extra = [f"--steps={args.steps}", f"--window={args.window}", f"--tmp={tmp}",
-                 f"--learning_rate={args.learning_rate}"]
+                 f"--learning_rate={args.learning_rate}", f"--max_length={args.max_length}"]
         if args.chunk_size:
             extra.append(f"--chunk_size={args.chunk_size}")
         workers = _common.start_workers(__file__, tmp, tmp / "unused.json", args, *extra)
