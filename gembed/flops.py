@@ -51,8 +51,11 @@ def forward_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> f
 def text_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
     """Real tokens of every text slot of a host batch (`TrainBatches`, padded or packed), int[b*(2+k)]."""
     mask = batch["token_mask"]
-    if "segment_ids" in batch:
-        return np.bincount(batch["segment_ids"][mask], minlength=batch["text_valid"].size)
+    if "segment_ids" in batch:   # [G, R, L], segment ids within each group
+        groups = mask.shape[0]
+        texts_per_group = batch["text_valid"].size // groups
+        texts = batch["segment_ids"] + (np.arange(groups) * texts_per_group)[:, None, None]
+        return np.bincount(texts[mask], minlength=batch["text_valid"].size)
     return mask.sum(axis=-1).reshape(-1)
 
 

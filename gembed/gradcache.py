@@ -8,7 +8,9 @@ document as a negative), so gradient accumulation does not apply. Instead:
   3. re-embed each chunk under `jax.vjp` and pull its rows of that gradient back to the params,
      summed over chunks and then, once, over devices.
 Chunks are per device: inside `shard_map` over the "data" axis each device embeds its own rows
-`chunk_size` at a time, so activation memory per device depends on neither B nor the device count;
+`chunk_size` examples at a time (in a packed batch each chunk is one pack group of those examples'
+texts, `TrainBatches(pack_groups=...)`), so activation memory per device depends on neither B nor
+the device count;
 negatives stay global because step 2 runs on the globally sharded embeddings. Dropout keys are a
 function of (device, chunk), identical in steps 1 and 3, so the gradient is exact with dropout too.
 """
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 from gembed.config import LossConfig
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
-from gembed.objective import embed_slots, embeddings_loss
+from gembed.objective import embed_packed_group, embed_slots, embeddings_loss
 from gembed.sharding import DATA_AXIS
 
 
@@ -49,18 +51,26 @@ def cached_value_and_grad(params, batch, rng, *, model_config: ModelConfig,
       mesh: the mesh whose "data" axis shards the batch.
     """
     num_devices = mesh.shape[DATA_AXIS]
-    tokens = (batch["token_ids"], batch["token_mask"])
-    embed = functools.partial(_embed_chunks, model_config=model_config, chunk_size=chunk_size)
+    slots = batch["text_valid"].shape[1]
+    packed = "segment_ids" in batch
+    tokens = {name: batch[name] for name in (
+        ("token_ids", "token_mask", "segment_ids", "positions") if packed
+        else ("token_ids", "token_mask"))}
+    chunk_embedder = functools.partial(
+        _embed_packed_chunk if packed else _embed_padded_chunk, model_config=model_config,
+        chunk_size=chunk_size, slots=slots)
+    embed = functools.partial(_embed_chunks, embed_chunk=chunk_embedder, chunk_size=chunk_size,
+                              packed=packed)
     embeddings = _on_each_device(embed, mesh, out_specs=PartitionSpec(DATA_AXIS))(
         params, tokens, rng)
     loss_fn = functools.partial(embeddings_loss, batch=batch, model_config=model_config,
                                 loss_config=loss_config, row_tile=chunk_size * num_devices)
     (loss, metrics), (loss_param_grads, embedding_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(params, embeddings)
-    backprop = functools.partial(_backprop_chunks, model_config=model_config,
-                                 chunk_size=chunk_size)
+    backprop = functools.partial(_backprop_chunks, embed_chunk=chunk_embedder,
+                                 chunk_size=chunk_size, packed=packed)
     encoder_grads = _on_each_device(backprop, mesh, out_specs=PartitionSpec())(
-        params, (*tokens, embedding_grads), rng)
+        params, (tokens, embedding_grads), rng)
     return (loss, metrics), jax.tree.map(jnp.add, encoder_grads, loss_param_grads)
 
 
@@ -84,37 +94,49 @@ def _chunk_rng(rng: jax.Array, chunk_index: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS)), chunk_index)
 
 
-def _embed_chunks(params, tokens, rng, *, model_config: ModelConfig, chunk_size: int):
+def _device_chunks(tokens: dict[str, jax.Array], chunk_size: int, packed: bool):
+    """This device's token arrays as [chunks, ...]: a packed batch's groups are its chunks."""
+    return tokens if packed else {name: _chunked(x, chunk_size) for name, x in tokens.items()}
+
+
+def _embed_padded_chunk(params, chunk, rng, *, model_config, chunk_size, slots):
+    """f32[chunk_size, S, D] of one chunk of padded slots [chunk_size, S, L]."""
+    return embed_slots(params, model_config, chunk["token_ids"], chunk["token_mask"], rng)
+
+
+def _embed_packed_chunk(params, chunk, rng, *, model_config, chunk_size, slots):
+    """f32[chunk_size, S, D] of one pack group (rows [R, L], segment ids within the group)."""
+    return embed_packed_group(params, model_config, chunk, chunk_size * slots, rng).reshape(
+        chunk_size, slots, -1)
+
+
+def _embed_chunks(params, tokens, rng, *, embed_chunk, chunk_size: int, packed: bool):
     """This device's f32[b, S, D] embeddings, one chunk at a time, no activations kept."""
-    token_ids, token_mask = (_chunked(x, chunk_size) for x in tokens)
-
-    def embed_chunk(chunk):
-        index, ids, mask = chunk
-        return embed_slots(params, model_config, ids, mask, _chunk_rng(rng, index))
-
-    chunks = jnp.arange(token_ids.shape[0])
-    embeddings = jax.lax.map(embed_chunk, (chunks, token_ids, token_mask))
+    chunks = _device_chunks(tokens, chunk_size, packed)
+    indices = jnp.arange(next(iter(chunks.values())).shape[0])
+    embeddings = jax.lax.map(
+        lambda item: embed_chunk(params, item[1], _chunk_rng(rng, item[0])), (indices, chunks))
     return embeddings.reshape(-1, *embeddings.shape[2:])
 
 
-def _backprop_chunks(params, rows, rng, *, model_config: ModelConfig, chunk_size: int):
+def _backprop_chunks(params, rows, rng, *, embed_chunk, chunk_size: int, packed: bool):
     """Param gradients of sum(embeddings * embedding_grads) over all devices' rows.
 
-    rows = (token_ids, token_mask, embedding_grads) of this device. The params are cast to
-    device-varying first so that each chunk's VJP stays local; one psum at the end.
+    rows = (token arrays, embedding_grads) of this device. The params are cast to device-varying
+    first so that each chunk's VJP stays local; one psum at the end.
     """
-    token_ids, token_mask, embedding_grads = (_chunked(x, chunk_size) for x in rows)
+    tokens, embedding_grads = rows
+    chunks = _device_chunks(tokens, chunk_size, packed)
+    cotangents = _chunked(embedding_grads, chunk_size)
     local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
 
-    def accumulate(grads, chunk):
-        index, ids, mask, cotangent = chunk
-        _, pull_back = jax.vjp(
-            lambda p: embed_slots(p, model_config, ids, mask, _chunk_rng(rng, index)),
-            local_params)
+    def accumulate(grads, item):
+        index, chunk, cotangent = item
+        _, pull_back = jax.vjp(lambda p: embed_chunk(p, chunk, _chunk_rng(rng, index)), local_params)
         (chunk_grads,) = pull_back(cotangent)
         return jax.tree.map(jnp.add, grads, chunk_grads), None
 
-    chunks = jnp.arange(token_ids.shape[0])
+    indices = jnp.arange(cotangents.shape[0])
     zeros = jax.tree.map(jnp.zeros_like, local_params)
-    grads, _ = jax.lax.scan(accumulate, zeros, (chunks, token_ids, token_mask, embedding_grads))
+    grads, _ = jax.lax.scan(accumulate, zeros, (indices, chunks, cotangents))
     return jax.lax.psum(grads, DATA_AXIS)

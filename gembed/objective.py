@@ -8,6 +8,7 @@ batches); `gembed.gradcache` computes the same loss from `embed_slots` chunk by 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from gembed.config import LossConfig
 from gembed.data.batching import FIRST_NEGATIVE_SLOT, POSITIVE_SLOT, QUERY_SLOT
@@ -31,14 +32,25 @@ def embed_slots(params, model_config: ModelConfig, token_ids, token_mask, rng) -
     return flat.reshape(batch, slots, -1)
 
 
+def embed_packed_group(params, model_config: ModelConfig, rows, texts: int, rng) -> jax.Array:
+    """f32[texts, D] unnormalised embeddings of one group of packed rows: `rows` holds
+    token_ids, token_mask, segment_ids (0..texts-1) and positions, each int32[R, L]."""
+    return _embed(params, model_config, rng, rows["token_ids"], rows["token_mask"],
+                  segment_ids=rows["segment_ids"], positions=rows["positions"], num_texts=texts)
+
+
 def embed_packed_slots(params, model_config: ModelConfig, batch, rng) -> jax.Array:
-    """f32[B, S, D] unnormalised embeddings of a packed batch (`TrainBatches` with packing):
-    int32[R, L] rows whose segment ids number the texts b * S + s."""
+    """f32[B, S, D] unnormalised embeddings of a packed batch (`TrainBatches` with pack_groups):
+    G groups of [R, L] rows, all embedded in one pass (segment ids made global)."""
     batch_size, slots = batch["text_valid"].shape
-    flat = _embed(params, model_config, rng, batch["token_ids"], batch["token_mask"],
-                  segment_ids=batch["segment_ids"], positions=batch["positions"],
-                  num_texts=batch_size * slots)
-    return flat.reshape(batch_size, slots, -1)
+    groups, rows, length = batch["token_ids"].shape
+    texts_per_group = batch_size * slots // groups
+    offsets = (jnp.arange(groups, dtype=jnp.int32) * texts_per_group)[:, None, None]
+    flat = {name: batch[name].reshape(groups * rows, length)
+            for name in ("token_ids", "token_mask", "positions")}
+    flat["segment_ids"] = (batch["segment_ids"] + offsets).reshape(groups * rows, length)
+    return embed_packed_group(params, model_config, flat, batch_size * slots, rng).reshape(
+        batch_size, slots, -1)
 
 
 def embeddings_loss(params, embeddings, batch, model_config: ModelConfig,

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from gembed import checkpoint, flops, gradcache, model_folder, sharding, workdir as workdir_files
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
-from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_length
+from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
 from gembed.data.mixture import TrainingDataset, load_datasets
 from gembed.data.workdir_tokenizer import prepare_tokenizer
@@ -190,6 +190,16 @@ def workdir_tokenizer(workdir: pathlib.Path, stage: StageConfig,
     return tokenizer
 
 
+def pack_groups(config: TrainConfig, mesh) -> int:
+    """Packing groups in this process's rows: one per local data-parallel device, or one per
+    gradient-cache chunk of each, so that a device (a chunk) holds its own examples' texts only."""
+    shards_per_process = mesh.shape[sharding.DATA_AXIS] // jax.process_count()
+    if config.chunk_size is None:
+        return shards_per_process
+    return shards_per_process * (config.batch_size // mesh.shape[sharding.DATA_AXIS]
+                                 // config.chunk_size)
+
+
 def jit_train_step(stage: StageConfig, optimizer, mesh, shardings):
     """The jitted train step of the stage: state donated, shardings explicit."""
     return jax.jit(
@@ -222,7 +232,8 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
         add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size),
-        length_buckets=config.length_buckets, packing=config.packing)
+        pack_groups=pack_groups(config, mesh) if config.packing else 0,
+        length_buckets=config.length_buckets)
 
     optimizer = make_optimizer(config)
     shardings = state_shardings(stage, optimizer, mesh)
@@ -253,6 +264,7 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
     writer = MetricsWriter(workdir, resume_step=start_step)
     meter = ThroughputMeter(config.batch_size, flops.system_peak()[0])
     window = DataWindow(batches)
+    shapes: set[tuple] = set()   # distinct batch shapes: each one is a compilation of the step
     progress = tqdm.tqdm(total=config.train_steps, initial=start_step, desc="train",
                          disable=True if jax.process_index() > 0 else (
                              None if show_progress is None else not show_progress),
@@ -261,16 +273,18 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
-            host_batch = pad_to_common_length(next(host_batches), pad_id)
+            host_batch = pad_to_common_shape(next(host_batches), pad_id)
             state, metrics = step_fn(state, sharding.place_batch(host_batch, mesh))
             window.add(step)
+            shapes.add(tuple(value.shape for value in host_batch.values()))
             meter.add_step(flops.train_flops(stage.model, flops.text_lengths(host_batch)))
             done = step + 1
             eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
             meter.exclude(evaluator.last_seconds)   # evaluation time is not training throughput
             if eval_values or done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-                values.update(eval_values, **meter.flush(), **window.flush())
+                values.update(eval_values, **meter.flush(), **window.flush(),
+                              compiled_shapes=len(shapes))
                 if skipped is not None:
                     values["skipped_examples"] = skipped.count
                 writer.write(done, values)

@@ -1,8 +1,9 @@
-"""Gradient caching and the row-tiled loss give the plain full-batch step's numbers.
+"""Gradient caching, packing and the row-tiled loss give the plain full-batch step's numbers.
 
 For several (batch, chunk, hard negatives, Matryoshka, loss direction) combinations, one optimizer
-step (AdamW with clipping) with caching must give the plain step's loss, gradients and updated
-params to a relative 1e-5 in float32, on 1 device here and on 8 in a subprocess.
+step (AdamW with clipping) with caching, on padded or packed batches, must give the plain padded
+step's loss, gradients and updated params to a relative 1e-5 in float32, on 1 device here and on 8
+in a subprocess.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gembed import gradcache, sharding
 from gembed.config import LossConfig, TrainConfig
+from gembed.data.packing import pack
 from gembed.errors import GembedUserError
 from gembed.losses.contrastive import contrastive_loss, text_keys
 from gembed.model import ModelConfig
@@ -73,8 +75,25 @@ def synthetic_batch(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
             "text_valid": text_valid, "text_keys": keys}
 
 
-def one_step(case: Case, chunk_size: int | None, mesh) -> tuple:
-    """(loss, grads, updated params) of one train_step from a fixed init on the synthetic batch."""
+def packed(batch: dict[str, np.ndarray], groups: int) -> dict[str, np.ndarray]:
+    """The padded batch as `TrainBatches` packs it: `groups` equal groups of examples, each
+    group's texts packed into the same number of rows (segment ids within the group)."""
+    examples, slots, _ = batch["token_ids"].shape
+    texts = [list(ids[mask]) for ids, mask in zip(batch["token_ids"].reshape(-1, LENGTH),
+                                                  batch["token_mask"].reshape(-1, LENGTH))]
+    per_group = examples // groups * slots
+    parts = [pack(texts[g * per_group:(g + 1) * per_group], LENGTH, 0,
+                  keep=batch["text_valid"].reshape(-1)[g * per_group:(g + 1) * per_group])
+             for g in range(groups)]
+    rows = max(len(part["token_ids"]) for part in parts)
+    stacked = {name: np.stack([np.pad(part[name], [(0, rows - len(part[name])), (0, 0)])
+                               for part in parts]) for name in parts[0]}
+    return {**stacked, "text_valid": batch["text_valid"], "text_keys": batch["text_keys"]}
+
+
+def one_step(case: Case, chunk_size: int | None, mesh, pack_groups: int = 0) -> tuple:
+    """(loss, grads, updated params) of one train_step from a fixed init on the synthetic batch,
+    packed into `pack_groups` groups when > 0."""
     config = model_config(case)
     loss_config = LossConfig(symmetric=case.symmetric, same_tower=case.same_tower)
     train_config = TrainConfig(train_data="synthetic", learning_rate=1e-2, warmup_steps=0,
@@ -82,7 +101,10 @@ def one_step(case: Case, chunk_size: int | None, mesh) -> tuple:
     optimizer = make_optimizer(train_config)
     replicated = sharding.replicated(mesh)
     state = jax.device_put(init_state(config, optimizer, seed=3), replicated)
-    batch = sharding.place_batch(synthetic_batch(case), mesh)
+    host_batch = synthetic_batch(case)
+    if pack_groups:
+        host_batch = packed(host_batch, pack_groups)
+    batch = sharding.place_batch(host_batch, mesh)
     rng = jax.random.fold_in(state.rng, state.step)
     if chunk_size is None:
         value_and_grad = functools.partial(jax.value_and_grad(batch_loss, has_aux=True),
@@ -119,17 +141,25 @@ def assert_trees_close(actual, expected, what: str) -> None:
             f"|plain| = {np.linalg.norm(want):.3g}")
 
 
-def assert_same_step(case: Case, mesh) -> None:
+def assert_same_step(case: Case, mesh, packed_too: bool = True) -> None:
+    """The cached step on padded batches, and (packed_too) the plain and cached steps on packed
+    batches (one group per device, or per chunk), give the plain padded step's numbers."""
+    devices = mesh.shape[sharding.DATA_AXIS]
     plain_loss, plain_grads, plain_params = one_step(case, None, mesh)
-    cached_loss, cached_grads, cached_params = one_step(case, case.chunk, mesh)
-    np.testing.assert_allclose(cached_loss, plain_loss, rtol=RTOL)
-    assert_trees_close(cached_grads, plain_grads, "grad")
-    assert_trees_close(cached_params, plain_params, "updated param")
+    variants = {"cached": one_step(case, case.chunk, mesh)}
+    if packed_too:
+        variants["packed"] = one_step(case, None, mesh, pack_groups=devices)
+        variants["packed cached"] = one_step(case, case.chunk, mesh,
+                                             pack_groups=case.batch // case.chunk)
+    for name, (loss, grads, params) in variants.items():
+        np.testing.assert_allclose(loss, plain_loss, rtol=RTOL, err_msg=name)
+        assert_trees_close(grads, plain_grads, f"{name} grad")
+        assert_trees_close(params, plain_params, f"{name} updated param")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cached_step_equals_plain_step(case):
-    assert_same_step(case, sharding.make_mesh())
+def test_cached_and_packed_steps_equal_plain_step(case):
+    assert_same_step(case, sharding.make_mesh(), packed_too=case is CASES[0])
 
 
 def test_cached_step_equals_plain_step_on_8_devices_in_process():
@@ -157,13 +187,16 @@ def test_dropout_gradient_is_exact_for_the_chunk_keys():
     mesh = sharding.make_mesh()
     params = init_state(config, make_optimizer(TrainConfig(train_data="x")), seed=0).params
     batch = jax.device_put(synthetic_batch(case), NamedSharding(mesh, PartitionSpec("data")))
-    tokens = (batch["token_ids"], batch["token_mask"])
+    tokens = {"token_ids": batch["token_ids"], "token_mask": batch["token_mask"]}
     rng = jax.random.PRNGKey(5)
 
     def direct_loss(p, dropout_rate):
+        embed_chunk = functools.partial(
+            gradcache._embed_padded_chunk, chunk_size=case.chunk, slots=2 + case.hard_negatives,
+            model_config=dataclasses.replace(config, dropout_rate=dropout_rate))
         embed = jax.shard_map(
-            functools.partial(gradcache._embed_chunks, chunk_size=case.chunk,
-                              model_config=dataclasses.replace(config, dropout_rate=dropout_rate)),
+            functools.partial(gradcache._embed_chunks, embed_chunk=embed_chunk,
+                              chunk_size=case.chunk, packed=False),
             mesh=mesh, out_specs=PartitionSpec("data"),
             in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec()))
         return embeddings_loss(p, embed(p, tokens, rng), batch, config, loss_config)[0]

@@ -150,7 +150,8 @@ def test_length_buckets_pad_to_the_next_power_of_two_and_keep_every_token():
     assert len(lengths) > 1
 
 
-def test_packed_batches_keep_every_text_and_give_the_padded_loss_and_gradients():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_batches_keep_every_text_and_give_the_padded_loss_and_gradients(groups):
     docs = load_builtin("stdlib_docs", "train")[:64]
     examples = [Example(e.query, e.positive, negatives=(docs[i - 1].positive,) if i % 3 else ())
                 for i, e in enumerate(docs)]
@@ -158,14 +159,16 @@ def test_packed_batches_keep_every_text_and_give_the_padded_loss_and_gradients()
     kwargs = dict(batch_size=8, max_length=64, num_hard_negatives=1, seed=0, add_eos=False,
                   rows=slice(0, 8))
     padded = TrainBatches(datasets, CharTokenizer(), **kwargs)[0]
-    packed = TrainBatches(datasets, CharTokenizer(), packing=True, **kwargs)[0]
-    rows = packed["token_ids"].shape[0]
-    assert rows % 4 == 0 and rows * 64 < padded["token_ids"].size
+    packed = TrainBatches(datasets, CharTokenizer(), pack_groups=groups, **kwargs)[0]
+    assert packed["token_ids"].shape[:1] == (groups,) and packed["token_ids"].shape[1] % 4 == 0
+    assert packed["token_ids"].size <= padded["token_ids"].size
     flat_ids, flat_mask = padded["token_ids"].reshape(-1, 64), padded["token_mask"].reshape(-1, 64)
-    for text in range(flat_ids.shape[0]):
-        in_text = packed["token_mask"] & (packed["segment_ids"] == text)
-        np.testing.assert_array_equal(packed["token_ids"][in_text], flat_ids[text][flat_mask[text]])
-        np.testing.assert_array_equal(packed["positions"][in_text], np.arange(flat_mask[text].sum()))
+    texts_per_group = flat_ids.shape[0] // groups
+    for text in range(flat_ids.shape[0]):   # each text whole, in its own example's group
+        group, local = divmod(text, texts_per_group)
+        in_text = packed["token_mask"][group] & (packed["segment_ids"][group] == local)
+        np.testing.assert_array_equal(packed["token_ids"][group][in_text], flat_ids[text][flat_mask[text]])
+        np.testing.assert_array_equal(packed["positions"][group][in_text], np.arange(flat_mask[text].sum()))
 
     config = ModelConfig(vocab_size=1000, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
                          max_position_embeddings=64)

@@ -9,13 +9,15 @@ uninterrupted run would have seen. Each process tokenizes only its own rows of t
 (`sharding.host_slice`).
 
 A batch holds, per example, `2 + k` text slots: 0 = query, 1 = positive, 2.. = hard negatives.
-With packing, the texts are packed into MAX_LENGTH rows instead (`gembed.data.packing`).
+By default the texts are packed into MAX_LENGTH rows (`gembed.data.packing`): the examples are cut
+into equal, contiguous groups (one per data-parallel device, or one per gradient-cache chunk), each
+group's texts are packed into the same number of rows, and a text's segment id is its index within
+its group, so a device (or a chunk) holds whole texts of its own examples only.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from typing import Iterator, Sequence
 
 import grain
@@ -25,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from gembed.data.examples import Example
 from gembed.data.mixture import TrainingDataset
-from gembed.data.packing import ROW_MULTIPLE, pack
+from gembed.data.packing import pack
 from gembed.errors import GembedUserError
 from gembed.losses.contrastive import text_keys
 
@@ -49,18 +51,27 @@ def bucket_length(length: int, max_length: int, steps_per_octave: int = 1) -> in
     return min(bucket, max_length)
 
 
-def pad_to_common_length(host_batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Pads this process's token arrays to the longest bucket of all processes (multi-host)."""
+TOKEN_ARRAYS = ("token_ids", "token_mask", "segment_ids", "positions")
+
+
+def pad_to_common_shape(host_batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Pads this process's token arrays to the largest of all processes (multi-host): the longest
+    length bucket (padded batches) or the most rows per group (packed batches)."""
     if jax.process_count() == 1:
         return host_batch
-    length = host_batch["token_ids"].shape[-1]
-    common = int(np.max(multihost_utils.process_allgather(np.int32(length))))
-    if common == length:
+    axis = -2 if "segment_ids" in host_batch else -1
+    size = host_batch["token_ids"].shape[axis]
+    common = int(np.max(multihost_utils.process_allgather(np.int32(size))))
+    if common == size:
         return host_batch
-    padding = [(0, 0)] * (host_batch["token_ids"].ndim - 1) + [(0, common - length)]
-    return {**host_batch,
-            "token_ids": np.pad(host_batch["token_ids"], padding, constant_values=pad_id),
-            "token_mask": np.pad(host_batch["token_mask"], padding)}
+    padded = dict(host_batch)
+    for name in TOKEN_ARRAYS:
+        if name in host_batch:
+            padding = [(0, 0)] * host_batch[name].ndim
+            padding[axis] = (0, common - size)
+            padded[name] = np.pad(host_batch[name], padding,
+                                  constant_values=pad_id if name == "token_ids" else 0)
+    return padded
 
 
 def global_batch_indices(datasets: Sequence[TrainingDataset], batch_size: int,
@@ -84,27 +95,29 @@ def global_batch_indices(datasets: Sequence[TrainingDataset], batch_size: int,
 class TrainBatches:
     """Host-local training batches for one process.
 
-    Each batch is a dict of NumPy arrays with leading axis = this process's rows `b`:
-      token_ids  int32[b, 2+k, L]   right-padded with `tokenizer.pad_id`; L = max_length, or
+    Each batch is a dict of NumPy arrays; `b` is this process's examples and S = 2+k slots:
+      text_valid bool [b, S]        False on hard-negative slots the example lacks
+      text_keys  int32[b, S, 2]     64-bit text identity (duplicate masking)
+    Packed (`pack_groups` > 0; G = pack_groups groups of b/G examples, R rows per group, a
+    multiple of `gembed.data.packing.ROW_MULTIPLE`, L = max_length):
+      token_ids, token_mask, segment_ids, positions   [G, R, L]; the segment id of text s of the
+        group's example e is e * S + s (`gembed.data.packing.pack`)
+    Padded (`pack_groups` = 0):
+      token_ids  int32[b, S, L]     right-padded with `tokenizer.pad_id`; L = max_length, or
                                     with length_buckets the bucket of the longest text
-      token_mask bool [b, 2+k, L]   True on real tokens
-      text_valid bool [b, 2+k]               False on hard-negative slots the example lacks
-      text_keys  int32[b, 2+k, 2]            64-bit text identity (duplicate masking)
-    With `packing` the token arrays are packed rows instead (`gembed.data.packing`), R a
-    multiple of 4 and of the device count; text t = b * (2+k) + s:
-      token_ids, token_mask, segment_ids (= t), positions   [R, max_length]
+      token_mask bool [b, S, L]     True on real tokens
     Queries carry their dataset's query prompt, documents its document prompt.
     """
 
     def __init__(self, datasets: Sequence[TrainingDataset], tokenizer, *, batch_size: int,
                  max_length: int, num_hard_negatives: int, seed: int, add_eos: bool,
-                 rows: slice, length_buckets: bool = False, packing: bool = False):
-        if packing and jax.process_count() > 1:
-            raise GembedUserError("TrainConfig.packing=True runs on one host only (each host "
-                                  "would pack a different number of rows); set it to False.")
+                 rows: slice, pack_groups: int = 0, length_buckets: bool = False):
+        local_examples = len(range(batch_size)[rows])
+        if pack_groups < 0 or (pack_groups and local_examples % pack_groups):
+            raise ValueError(f"{local_examples} examples do not split into {pack_groups} groups")
         self.datasets = list(datasets)
         self._length_buckets = length_buckets
-        self._packing = packing
+        self._pack_groups = pack_groups
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._num_slots = FIRST_NEGATIVE_SLOT + num_hard_negatives
@@ -157,11 +170,9 @@ class TrainBatches:
         prompted = [prompts[i % slots] + text if text else text for i, text in enumerate(texts)]
         token_lists = self._tokenizer.encode(prompted, length, add_eos=self._add_eos)
         keys = text_keys(texts).reshape(rows, slots, 2)
-        if self._packing:
-            row_multiple = math.lcm(ROW_MULTIPLE, jax.device_count())
-            packed = pack(token_lists, length, self._tokenizer.pad_id, keep=valid.reshape(-1),
-                          row_multiple=row_multiple)
-            return {**packed, "text_valid": valid, "text_keys": keys}
+        if self._pack_groups:
+            return {**self._pack(token_lists, valid.reshape(-1)), "text_valid": valid,
+                    "text_keys": keys}
         if self._length_buckets:
             length = bucket_length(max(map(len, token_lists)), length)
         token_ids = np.full((rows * slots, length), self._tokenizer.pad_id, np.int32)
@@ -176,6 +187,20 @@ class TrainBatches:
             "text_valid": valid,
             "text_keys": keys,
         }
+
+
+    def _pack(self, token_lists: list[list[int]], valid: np.ndarray) -> dict[str, np.ndarray]:
+        """Each group's texts packed into the same number of rows: arrays [G, R, max_length]."""
+        texts_per_group = len(token_lists) // self._pack_groups
+        groups = [pack(token_lists[start:start + texts_per_group], self._max_length,
+                       self._tokenizer.pad_id, keep=valid[start:start + texts_per_group])
+                  for start in range(0, len(token_lists), texts_per_group)]
+        rows = max(group["token_ids"].shape[0] for group in groups)
+        return {name: np.stack([np.pad(group[name], [(0, rows - len(group[name])), (0, 0)],
+                                       constant_values=self._tokenizer.pad_id
+                                       if name == "token_ids" else 0)
+                                for group in groups])
+                for name in TOKEN_ARRAYS}
 
 
 class DataWindow:
