@@ -12,17 +12,17 @@ import pathlib
 import jinja2
 import jinja2.sandbox
 
+from gembed.data.hf_tokenizer import TOKENIZER_SETTINGS
 from gembed.errors import GembedUserError
 
 TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def read_chat_template(directory: pathlib.Path) -> str | None:
     """The folder's default chat template, or None when it has none (a base model)."""
     if (directory / TEMPLATE_FILE).is_file():
         return (directory / TEMPLATE_FILE).read_text()
-    path = directory / TOKENIZER_CONFIG
+    path = directory / TOKENIZER_SETTINGS
     if not path.is_file():
         return None
     try:

@@ -25,7 +25,7 @@ from gembed.evaluation.tasks import parse_task_list
 from gembed.model import ModelConfig
 from gembed.sharding import ShardingConfig
 
-GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+GIN_FILES_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 # Macros every stage config honours (docs/interface.md); --gin_param may set any of these or a
 # macro a parsed gin file defines.
@@ -156,11 +156,11 @@ class StageConfig:
 
 def _resolve_gin_file(name: str) -> str:
     """A gin file given on the command line: as a path, else relative to experiments/configs."""
-    for candidate in (pathlib.Path(name), GIN_CONFIGS_DIR / name):
+    for candidate in (pathlib.Path(name), GIN_FILES_DIR / name):
         if candidate.is_file():
             return str(candidate)
     raise GembedUserError(
-        f"{name}: gin file not found (looked in the current directory and {GIN_CONFIGS_DIR}); "
+        f"{name}: gin file not found (looked in the current directory and {GIN_FILES_DIR}); "
         f"fix the --gin_file path.")
 
 
@@ -197,8 +197,8 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
     A --gin_param that sets a macro no gin file defines (a likely typo, e.g. BATCH_SZE) is refused.
     """
     gin.clear_config()
-    if GIN_CONFIGS_DIR.is_dir():
-        gin.add_config_file_search_path(str(GIN_CONFIGS_DIR))
+    if GIN_FILES_DIR.is_dir():
+        gin.add_config_file_search_path(str(GIN_FILES_DIR))
     for name in gin_files:
         path = _resolve_gin_file(name)
         try:

@@ -35,6 +35,7 @@ from flax import traverse_util
 from gembed import model_folder, workdir
 from gembed.convert.families import to_transformers
 from gembed.convert.model_card import ModelCard, model_card, provenance
+from gembed.convert.source import ST_SETTINGS_FILE
 from gembed.convert.transformers_tokenizer import write_transformers_tokenizer
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig
@@ -96,7 +97,7 @@ def write_sentence_transformers(output: pathlib.Path, model: ModelConfig, params
             "bias": "bias" in projection, "activation_function": IDENTITY})
         safetensors.numpy.save_file(dense, str(output / "2_Dense" / "model.safetensors"),
                                     metadata={"format": "pt"})
-    _write_json(output / "config_sentence_transformers.json", {
+    _write_json(output / ST_SETTINGS_FILE, {
         "model_type": "SentenceTransformer", "prompts": dict(task_prompts),
         "default_prompt_name": None, "similarity_fn_name": "cosine",
         "gembed": {"log_scale": float(np.float32(params["log_scale"])),

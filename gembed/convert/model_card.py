@@ -35,7 +35,7 @@ FAMILY_NOTES = {
              "tokenizer.json says; a model imported from a Qwen2 checkpoint keeps that tokenizer, "
              "so the ids agree. TEI and `tokenizers` read tokenizer.json as it is.",
 }
-MODEL_CONFIG_SECTION = re.compile(r"# Parameters for ModelConfig:\n.*?(?=# Parameters for |\Z)", re.S)
+MODEL_ARCHITECTURE_SECTION = re.compile(r"# Parameters for ModelConfig:\n.*?(?=# Parameters for |\Z)", re.S)
 BIDIRECTIONAL_NOTE = """\
 This decoder was trained **without the causal mask**. `config.json` says so twice:
 `"is_causal": false` and `"use_bidirectional_attention": true`. Which loaders honour them:
@@ -176,7 +176,7 @@ def _training(card: ModelCard) -> list[str]:
         macros = _macros(card.training_config)
         # The run's architecture is the Model table's (the workdir's model_config.json); the gin
         # ModelConfig bindings need not be it (INIT_FROM a model folder fixes the architecture).
-        config = MODEL_CONFIG_SECTION.sub("", card.training_config).strip()
+        config = MODEL_ARCHITECTURE_SECTION.sub("", card.training_config).strip()
         lines += ["", "| setting | value |", "|---|---|",
                   *(f"| {name} | `{value}` |" for name, value in macros.items()), "",
                   f"<details><summary>operative config ({card.training_config_path}; its "

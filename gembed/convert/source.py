@@ -24,7 +24,7 @@ ST_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "fi
                "pooling_mode_lasttoken": "last"}
 ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 IDENTITY = "torch.nn.modules.linear.Identity"
-ST_CONFIG = "config_sentence_transformers.json"
+ST_SETTINGS_FILE = "config_sentence_transformers.json"
 CONVERT_HINT = ("convert it with transformers: AutoModel.from_pretrained(SRC)"
                 ".save_pretrained(SRC, safe_serialization=True)")
 
@@ -158,7 +158,7 @@ def read_source(root: str | pathlib.Path) -> SourceModel:
                 f"{st_config}: do_lower_case=true is not supported; lowercase in the tokenizer "
                 f"instead or import the bare transformer.")
         max_seq_length = settings.get("max_seq_length")
-    model_settings = read_json(root / ST_CONFIG) if (root / ST_CONFIG).is_file() else {}
+    model_settings = read_json(root / ST_SETTINGS_FILE) if (root / ST_SETTINGS_FILE).is_file() else {}
     return SourceModel(root=root, transformer_dir=transformer_dir,
                        config=read_json(transformer_dir / "config.json"),
                        weights=read_weights(transformer_dir), pooling=pooling,
