@@ -45,9 +45,9 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def open_manager(workdir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
     """The workdir's manager, keeping the `keep` newest steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only)
     with _quiet_read_only():
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               read_only=read_only)
         return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 

@@ -473,11 +473,14 @@ def test_pairs_task_scores_a_hand_computed_case(tmp_path):
 
 
 def test_stdlib_tasks_read_their_splits(monkeypatch):
-    from gembed.data import builtin
-
     seen = []
-    monkeypatch.setattr(builtin, "load_builtin", lambda name, split: seen.append((name, split)) or [
-        Example(f"{name} {split} query {i}", f"{name} {split} passage {i}") for i in range(4)])
+
+    def load_builtin(name, split):
+        seen.append((name, split))
+        return [Example(f"{name} {split} query {i}", f"{name} {split} passage {i}") for i in range(4)]
+
+    for module in (code_search, tasks):   # the modules that read built-in corpora for tasks
+        monkeypatch.setattr(module, "load_builtin", load_builtin)
     results = tasks.evaluate(bm25.BM25(), "stdlib_code,stdlib_code:validation,stdlib_docs,stdlib_docs:validation",
                              log=pytest.fail)
     assert seen == [("stdlib_code", "test"), ("stdlib_code", "validation"), ("stdlib_docs", "test"),
