@@ -6,9 +6,7 @@ gin-configurable dataclasses would otherwise pick them up in later, unrelated te
 import gin
 import pytest
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (deselect with -m 'not slow')")
+from gembed import compilation_cache
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +19,4 @@ def clean_gin_config():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU (deselect with "
                                        "-m 'not slow')")
+    compilation_cache.enable()   # compiled fixtures are reused by later test sessions

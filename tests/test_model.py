@@ -19,6 +19,7 @@ from gembed.model import EmbeddingModel, Encoder, ModelConfig, init_params
 from gembed.model.config import POOLINGS
 from gembed.model.encoder import pool
 from gembed.model.layers import Norm, attention_mask
+from gembed.model.blocked_attention import blocked_attention
 from gembed.model.softmax_attention import softmax_attention
 
 MODEL_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "model"
@@ -339,6 +340,25 @@ def test_softmax_attention_and_its_gradient_match_autodiff_of_jax_attention(is_c
     for name, got, want in zip(("value", "query grad", "key grad", "value grad"),
                                jax.tree.leaves(ours), jax.tree.leaves(reference)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("batch, length", [(3, 70), (1, 64), (4, 130)])
+def test_blocked_attention_matches_jax_attention(batch, length):
+    """The encode-time forward over key blocks (odd batch and lengths that are no multiple of the
+    block pad both) against `jax.nn.dot_product_attention`: packed segments, causal masks, padding
+    queries that see no key."""
+    rng = np.random.default_rng(1)
+    query, key, value = (jnp.asarray(rng.standard_normal((batch, length, 4, 8)), jnp.float32)
+                         for _ in range(3))
+    lengths = rng.integers(1, length + 1, batch)
+    mask = jnp.arange(length)[None] < jnp.asarray(lengths)[:, None]
+    segment_ids = jnp.asarray(np.arange(length)[None] // 37 + np.arange(batch)[:, None] * 10)
+    visible = attention_mask(mask, segment_ids)
+    causal = visible & jnp.tril(jnp.ones((length, length), bool))
+    for mask_of_keys in (visible, causal):
+        np.testing.assert_allclose(
+            jax.jit(blocked_attention)(query, key, value, mask_of_keys),
+            jax.nn.dot_product_attention(query, key, value, mask=mask_of_keys), atol=2e-6)
 
 
 def test_bfloat16_compute_is_close_to_float32_with_float32_params():

@@ -3,18 +3,19 @@
 Autodiff of softmax(mask(q·kᵀ))·v stores and re-reads several [B, N, L, L] intermediates; the
 backward here uses the FlashAttention identities instead: with P the probabilities and O the
 output, dS = P ⊙ (dO·vᵀ - rowsum(dO ⊙ O)) at the visible keys (0 at the others), so it makes one
-elementwise pass over [B, N, L, L] between four matmuls. On a 2-core CPU, MiniLM's attention (20
-rows of 128 tokens, 12 heads) takes 76 ms fwd+bwd against 86-96 ms for
-`jax.nn.dot_product_attention`, and the whole train step 2-4% less time (paired step timings). Not
-differentiated (encode), the function is `jax.nn.dot_product_attention` itself, with which encode runs
-~15% faster. Differentiated, the values are that function's: tests/test_model.py checks
-outputs and gradients against it.
+elementwise pass over [B, N, L, L] between four matmuls, which made the CPU train step faster
+(README, "Speed"). Not differentiated (encode), the forward on the CPU is `blocked_attention` for
+at least KEY_BLOCK keys (cache-sized key blocks instead of whole [B, N, L, L] logits), else
+`jax.nn.dot_product_attention`. Differentiated, the values are that function's: tests/test_model.py
+checks outputs and gradients against it.
 
 Shapes: B batch, L sequence length, N query heads, K key/value heads (N a multiple of K), H
 head_dim. Logits, softmax and its gradient are float32; the matmul inputs are in the inputs' dtype.
 """
 import jax
 import jax.numpy as jnp
+
+from gembed.model.blocked_attention import KEY_BLOCK, blocked_attention
 
 MASKED_LOGIT = -1e30   # finite: a query with no visible key attends uniformly instead of NaN
 
@@ -42,6 +43,8 @@ def _probabilities(query: jax.Array, key: jax.Array, visible: jax.Array) -> jax.
 
 @jax.custom_vjp
 def _attention(query, key, value, visible):
+    if jax.default_backend() == "cpu" and key.shape[1] >= KEY_BLOCK:
+        return blocked_attention(query, key, value, visible)
     return jax.nn.dot_product_attention(query, key, value, mask=visible)
 
 
