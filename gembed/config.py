@@ -17,7 +17,7 @@ from typing import Sequence
 
 import gin
 
-from gembed import model_folder
+from gembed import checkpoint, model_folder, workdir
 from gembed.convert import hub, hub_folder
 from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
@@ -233,9 +233,10 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
 def build_stage_config() -> StageConfig:
     """Instantiates the configured dataclasses (call after `parse_gin`).
 
-    When INIT_FROM is a model folder, the model is the folder's architecture (see
-    `model_folder.finetune_model_config` for which ModelConfig bindings still apply); an
-    `hf:ORG/NAME` INIT_FROM becomes the model folder it imports to (`hub_folder`).
+    When INIT_FROM is a model folder or a CKPT, the model is its architecture (see
+    `model_folder.finetune_model_config` for which ModelConfig bindings still apply), so a stage
+    started from another needs no model gin file; an `hf:ORG/NAME` INIT_FROM becomes the model
+    folder it imports to (`hub_folder`).
     """
     train = TrainConfig()
     if hub.is_hub_name(train.init_from):
@@ -245,6 +246,10 @@ def build_stage_config() -> StageConfig:
         model = model_folder.finetune_model_config(
             model_folder.read_model_config(train.init_from), gin.get_bindings(ModelConfig),
             train.init_from)
+    elif train.init_from is not None and checkpoint.holds_checkpoints(train.init_from):
+        source = checkpoint.resolve(train.init_from, role="INIT_FROM").workdir
+        model = model_folder.finetune_model_config(
+            workdir.read_model_config(source), gin.get_bindings(ModelConfig), source)
     return StageConfig(train=train, model=model, loss=LossConfig(), evaluation=EvalConfig(),
                        sharding=ShardingConfig())
 

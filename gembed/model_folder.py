@@ -141,7 +141,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 def finetune_model_config(folder_config: ModelConfig, bindings: dict[str, Any],
                           folder: str | os.PathLike) -> ModelConfig:
-    """The architecture of a stage whose INIT_FROM is a model folder: the folder's.
+    """The architecture of a stage whose INIT_FROM is a model folder or CKPT: its own.
 
     Of the gin `bindings` of ModelConfig, only the TRAINING_FIELDS (compute dtype, dropout,
     Matryoshka output sizes) apply; any other binding must agree with the folder, so a model gin
@@ -151,9 +151,9 @@ def finetune_model_config(folder_config: ModelConfig, bindings: dict[str, Any],
         value = tuple(value) if isinstance(value, list) else value
         if field not in TRAINING_FIELDS and value != getattr(folder_config, field):
             raise GembedUserError(
-                f"{folder}: INIT_FROM is a model folder with ModelConfig.{field}="
+                f"{folder}: INIT_FROM has ModelConfig.{field}="
                 f"{getattr(folder_config, field)!r} but the gin config binds {value!r}; the "
-                f"folder's architecture is used, so drop that binding (or the model gin file).")
+                f"INIT_FROM architecture is used, so drop that binding (or the model gin file).")
     return dataclasses.replace(
         folder_config, **{field: bindings[field] for field in TRAINING_FIELDS if field in bindings})
 

@@ -3,17 +3,23 @@
 Stages, each in DIR/<stage>/ and each marked complete by DIR/stages/<stage>.json (its spec and
 wall time; kept apart so the stage folders hold only what the stage writes), so a re-run skips
 what is done and resumes the rest (training resumes from its own checkpoints; an incomplete
-soup/export/eval folder is redone from scratch):
+mining/soup/export/eval folder is redone from scratch):
 
-    prefinetune       `gembed train` with the prefinetune gin files (trains the tokenizer when
-                      none is given or inherited); left out when prefinetune_gin_files is empty
+    prefinetune       `gembed train` with the prefinetune gin files (from `init_from`, or trains
+                      the tokenizer when there is none); left out when prefinetune_gin_files is empty
+    mining            `gembed mine` with the strongest model so far (the prefinetuned one, else
+                      `init_from`): DIR/mining/mined.jsonl, which finetune runs read as the macro
+                      MINED_DATA; left out when `mining` is None
     <run name> ...    one `gembed train` per `finetune_runs` entry, from DIR/prefinetune (or
                       `init_from` without a prefinetune stage)
     soup_uniform      `gembed soup` of every finetune run
     soup_greedy       `gembed soup --method=greedy --eval_task=<soup_task>` of the same runs
-    model             `gembed export` of soup_<soup_method>
-    eval              every finetune run, both soups and the exported model on `eval_tasks`;
-                      DIR/eval/results.json {row: {task: scores}}; the table is printed
+                      (soup_task is a validation split: the choice never sees the test split)
+    model             `gembed export` of soup_<soup_method>, at `eval_max_length`
+    eval              BM25, `init_from` zero-shot, every trained stage, both soups (the chosen one
+                      through its export) on `eval_tasks`, all encoding at `eval_max_length`;
+                      DIR/eval/results.json {row: {task: scores}}; the table is printed with each
+                      row's stage wall time
 """
 from __future__ import annotations
 
@@ -30,13 +36,39 @@ import gin
 
 import gembed
 from gembed import config, train
+from gembed.convert import hub, hub_folder
+from gembed.data import load_examples, write_jsonl
 from gembed.errors import GembedUserError
 from gembed.evaluation import tasks
+from gembed.evaluation.bm25 import BM25
 from gembed.export import export
+from gembed.mining import mine_hard_negatives
 from gembed.soup import make_soup
 
 STAGES_DIR = "stages"   # DIR/stages/<stage>.json marks a complete stage
 RESULTS_FILE = "results.json"
+MINED_FILE = "mined.jsonl"
+
+
+MINED_DATA = "MINED_DATA"   # the macro finetune gin files read the mined pairs from
+RESERVED_STAGES = frozenset({"prefinetune", "mining", "soup_uniform", "soup_greedy", "model", "eval",
+                             STAGES_DIR})
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Mining:
+    """The mining stage: hard negatives for `data`'s train split (`gembed mine`'s arguments)."""
+
+    data: str = "builtin:stdlib_code"
+    num_negatives: int = 2
+    range_min: int = 2          # skip the nearest documents (likely unlabelled positives)
+    range_max: int = 30         # exclusive
+    sampling: str = "random"    # "top" | "random" (a seeded draw from the window's survivors)
+    relative_margin: float | None = 0.95
+    absolute_margin: float | None = None
+    max_length: int = 128       # tokens per text while mining
+    seed: int = 0
 
 
 @gin.configurable
@@ -45,17 +77,20 @@ class Recipe:
     """What `gembed run` does. Gin files are paths or names under experiments/configs; params
     are `NAME=VALUE` bindings as `gembed train --gin_param` takes them."""
 
-    model_gin_files: tuple[str, ...] = ("model/tiny.gin",)   # () when init_from is a model folder
+    model_gin_files: tuple[str, ...] = ("model/tiny.gin",)   # () when init_from fixes the model
     prefinetune_gin_files: tuple[str, ...] = ("prefinetune.gin",)   # () = no prefinetune stage
     prefinetune_params: tuple[str, ...] = ()
+    mining: Mining | None = None
     finetune_gin_files: tuple[str, ...] = ("finetune.gin",)
     finetune_params: tuple[str, ...] = ()          # shared by every finetune run
     finetune_runs: dict[str, tuple[str, ...]] = dataclasses.field(
         default_factory=lambda: {"finetune_seed0": ("SEED=0",)})   # stage name -> its own params
-    init_from: str | None = None       # the first training stage's INIT_FROM; None = from scratch
+    init_from: str | None = None       # model folder, CKPT or hf:ORG/NAME; None = from scratch
     soup_method: str = "greedy"        # which soup is exported: "uniform" or "greedy"
-    soup_task: str = "stdlib_code"     # the held-out task deciding the greedy soup
-    eval_tasks: tuple[str, ...] = ("stdlib_code",)
+    soup_task: str = "stdlib_code:validation"   # the task deciding the greedy soup
+    eval_tasks: tuple[str, ...] = ("stdlib_code:validation", "stdlib_code")
+    eval_max_length: int | None = 256  # tokens per text in eval and export; None: each model's own
+    baselines: bool = True             # BM25 and zero-shot `init_from` rows
     data_dir: str | None = None        # folder of the public evaluation sets (absent tasks skip)
     eval_batch_size: int = 64
 
@@ -65,11 +100,10 @@ class Recipe:
             object.__setattr__(self, field, tuple(getattr(self, field)))
         runs = {name: tuple(params) for name, params in dict(self.finetune_runs).items()}
         object.__setattr__(self, "finetune_runs", runs)
-        reserved = {"prefinetune", "soup_uniform", "soup_greedy", "model", "eval", STAGES_DIR}
         checks = [
             (bool(runs), "Recipe.finetune_runs is empty; give at least one {name: [params]}"),
-            (not reserved & runs.keys(),
-             f"Recipe.finetune_runs uses a reserved stage name ({sorted(reserved & runs.keys())})"),
+            (not RESERVED_STAGES & runs.keys(),
+             f"Recipe.finetune_runs uses a reserved stage name ({sorted(RESERVED_STAGES & runs.keys())})"),
             (all(name.replace("_", "").replace("-", "").isalnum() for name in runs),
              f"Recipe.finetune_runs names {sorted(runs)} must be letters, digits, _ or -"),
             (self.soup_method in ("uniform", "greedy"),
@@ -141,57 +175,119 @@ class Runner:
         return self.stage(name, spec, lambda path: train_stage(path, gin_files, params),
                           resumable=True)
 
-    def run(self) -> dict[str, dict[str, dict[str, float]]]:
-        """All stages; returns {row: {task: scores}} of the eval stage."""
+    def run(self) -> dict[str, Any]:
+        """All stages; returns the eval stage's results: {"scores": {row: {task: scores}},
+        "seconds": {row: wall time of the stage that made it}}."""
         recipe = self.recipe
         init_from = recipe.init_from
+        trained: dict[str, str] = {}
         if recipe.prefinetune_gin_files:
             extra = (f"INIT_FROM={_quoted(init_from)}",) if init_from else ()
-            init_from = str(self.train(
+            init_from = trained["prefinetune"] = str(self.train(
                 "prefinetune", recipe.model_gin_files + recipe.prefinetune_gin_files,
                 recipe.prefinetune_params + extra))
-        runs = [str(self.train(name, recipe.model_gin_files + recipe.finetune_gin_files,
-                               recipe.finetune_params + (f"INIT_FROM={_quoted(init_from)}",) + params))
-                for name, params in recipe.finetune_runs.items()]
+        shared = recipe.finetune_params + (f"INIT_FROM={_quoted(init_from)}",)
+        if recipe.mining is not None:
+            mined = self.mine(init_from) / MINED_FILE
+            shared += (f"{MINED_DATA}={_quoted(mined)}",)
+        for name, params in recipe.finetune_runs.items():
+            trained[name] = str(self.train(name, recipe.model_gin_files + recipe.finetune_gin_files,
+                                           shared + params))
+        runs = [trained[name] for name in recipe.finetune_runs]
         soups = {}
         for method in ("uniform", "greedy"):
             task = recipe.soup_task if method == "greedy" else None
             soups[method] = self.stage(
                 f"soup_{method}", {"ingredients": runs, "method": method, "eval_task": task,
-                                   "data_dir": recipe.data_dir},
+                                   "data_dir": recipe.data_dir, "max_length": recipe.eval_max_length},
                 lambda path, method=method, task=task: make_soup(
                     runs, path, method=method, eval_task=task, data_dir=recipe.data_dir,
-                    batch_size=recipe.eval_batch_size))
+                    batch_size=recipe.eval_batch_size, max_length=recipe.eval_max_length))
         chosen = soups[recipe.soup_method]
-        model = self.stage("model", {"checkpoint": str(chosen)},
-                           lambda path: export(chosen, path))
-        rows = {**{pathlib.Path(run).name: run for run in runs},
-                **{path.name: str(path) for path in soups.values()},
-                f"model (export of {chosen.name})": str(model)}
-        spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir}
+        model = self.stage("model", {"checkpoint": str(chosen), "max_length": recipe.eval_max_length},
+                           lambda path: export(chosen, path, max_length=recipe.eval_max_length))
+        rows, stage_of = {}, {}   # row -> what it evaluates, row -> the stage that made it
+        if recipe.baselines:
+            rows["bm25"] = BM25.name
+            if recipe.init_from is not None:
+                rows["zero-shot (init_from)"] = recipe.init_from
+        for name, path in trained.items():
+            rows[name], stage_of[name] = path, name
+        for method, soup in soups.items():
+            row = f"soup_{method}" + (" -> model" if soup == chosen else "")
+            rows[row], stage_of[row] = str(model if soup == chosen else soup), soup.name
+        spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir,
+                "max_length": recipe.eval_max_length}
         eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path))
-        return json.loads((eval_dir / RESULTS_FILE).read_text())
+        results = json.loads((eval_dir / RESULTS_FILE).read_text())
+        seconds = {row: self.seconds(stage) for row, stage in stage_of.items()}
+        return {"scores": results, "seconds": seconds, "total_seconds": self.total_seconds()}
+
+    def mine(self, model: str) -> pathlib.Path:
+        """The mining stage: DIR/mining/mined.jsonl, negatives mined with `model`."""
+        mining = self.recipe.mining
+        spec = {"model": model, **dataclasses.asdict(mining)}
+
+        def run(path: pathlib.Path) -> None:
+            embedder = _load(model)
+            embedder.max_length = mining.max_length
+            examples = load_examples(mining.data, split="train")
+            mined, stats = mine_hard_negatives(
+                embedder, examples, num_negatives=mining.num_negatives, range_min=mining.range_min,
+                range_max=mining.range_max, sampling=mining.sampling,
+                relative_margin=mining.relative_margin, absolute_margin=mining.absolute_margin,
+                seed=mining.seed)
+            path.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path / MINED_FILE, mined)
+            self.log(f"gembed run: mining: {stats.negatives} negatives for {len(mined)} examples "
+                     f"({stats.queries_short_of_negatives} got fewer than {mining.num_negatives})")
+
+        return self.stage("mining", spec, run)
+
+    def seconds(self, stage: str) -> float | None:
+        marker = self.workdir / STAGES_DIR / f"{stage}.json"
+        return json.loads(marker.read_text())["seconds"] if marker.is_file() else None
+
+    def total_seconds(self) -> float:
+        return sum(json.loads(marker.read_text())["seconds"]
+                   for marker in (self.workdir / STAGES_DIR).glob("*.json"))
 
     def _evaluate(self, rows: dict[str, str], path: pathlib.Path) -> None:
         results = {}
         for row, location in rows.items():
-            results[row] = tasks.evaluate(gembed.load(location), self.recipe.eval_tasks,
+            self.log(f"gembed run: eval: {row}")
+            encoder = BM25() if location == BM25.name else _load(location)
+            if location != BM25.name and self.recipe.eval_max_length is not None:
+                encoder.max_length = self.recipe.eval_max_length
+            results[row] = tasks.evaluate(encoder, self.recipe.eval_tasks,
                                           data_dir=self.recipe.data_dir,
                                           batch_size=self.recipe.eval_batch_size, log=self.log)
         path.mkdir(parents=True, exist_ok=True)
         tasks.write_json(results, path / RESULTS_FILE)
 
 
-def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A plain-text table: one row per model, one main-score column per task (0-100)."""
-    task_names = list(dict.fromkeys(task for scores in results.values() for task in scores))
-    table = [["model", *task_names]]
-    for row, scores in results.items():
-        table.append([row, *(f"{scores[t]['main_score']:.2f}" if t in scores else "-"
-                             for t in task_names)])
+def _load(location: str) -> gembed.Embedder:
+    """`gembed.load`, with `hf:ORG/NAME` resolved to the model folder it imports to."""
+    if hub.is_hub_name(location):
+        location = str(hub_folder.hub_model_folder(location))
+    return gembed.load(location)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per model, one main-score column per task (0-100), and the
+    wall time of the stage that made the row; the recipe's total time below."""
+    scores, seconds = results["scores"], results["seconds"]
+    task_names = list(dict.fromkeys(task for row in scores.values() for task in row))
+    table = [["model", *task_names, "stage s"]]
+    for row, row_scores in scores.items():
+        stage_seconds = seconds.get(row)
+        table.append([row, *(f"{row_scores[t]['main_score']:.2f}" if t in row_scores else "-"
+                             for t in task_names),
+                      "-" if stage_seconds is None else f"{stage_seconds:.0f}"])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
-                               for i, cell in enumerate(line)) for line in table)
+    lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                       for i, cell in enumerate(line)) for line in table]
+    return "\n".join(lines + [f"all stages: {results['total_seconds']:.0f} s"])
 
 
 def run_recipe(gin_file: str, gin_params: list[str], workdir: str | os.PathLike) -> str:

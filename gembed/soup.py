@@ -119,11 +119,11 @@ class Scorer:
     """The main score of one evaluation task for flat params, through one compiled Embedder."""
 
     def __init__(self, first: checkpoint.CheckpointRef, task: str, data_dir=None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, max_length: int | None = None):
         self.task = tasks.parse_task_list([task])[0].name
         self.data_dir, self.batch_size = data_dir, batch_size
-        # the first ingredient's tokenizer, prompts and max length
-        self.embedder = Embedder.of(workdir.read_checkpoint_model(first.step_dir))
+        # the first ingredient's tokenizer, prompts and (unless given) max length
+        self.embedder = Embedder.of(workdir.read_checkpoint_model(first.step_dir, max_length))
 
     def __call__(self, flat: dict[str, np.ndarray]) -> float:
         self.embedder.params = jax.device_put(traverse_util.unflatten_dict(flat, sep="/"))
@@ -169,9 +169,10 @@ def greedy_soup(ingredients: Ingredients, scorer: Scorer, log=None):
 
 def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLike,
               method: str = "uniform", eval_task: str | None = None, data_dir=None,
-              batch_size: int = 64) -> dict:
+              batch_size: int = 64, max_length: int | None = None) -> dict:
     """Writes the soup of `checkpoints` to `output` (layout in the module docstring); returns the
-    soup.json record."""
+    soup.json record. `eval_task` encodes at `max_length` tokens (None: the first ingredient's
+    training MAX_LENGTH)."""
     output = pathlib.Path(output).resolve()
     if method not in METHODS:
         raise GembedUserError(f"--method={method}: pick one of {', '.join(METHODS)}.")
@@ -182,7 +183,8 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
         raise GembedUserError(f"{output}: already holds checkpoints; choose a new --output or "
                               f"delete that folder.")
     ingredients = Ingredients(checkpoints)
-    scorer = Scorer(ingredients.refs[0], eval_task, data_dir, batch_size) if eval_task else None
+    scorer = (Scorer(ingredients.refs[0], eval_task, data_dir, batch_size, max_length)
+              if eval_task else None)
     if method == "greedy":
         mean, scores, kept = greedy_soup(ingredients, scorer)
     else:

@@ -387,7 +387,7 @@ def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(be
 
     status, err = run_cli(["train", "--gin_file=model/tiny.gin", *args[1:],
                            f"--workdir={tmp_path / 'contradicts'}"], capsys)
-    assert status == 2 and "INIT_FROM is a model folder with ModelConfig." in err
+    assert status == 2 and "INIT_FROM has ModelConfig." in err
 
 
 # ---------------------------------------------------------------------------------------------

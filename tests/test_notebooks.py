@@ -96,7 +96,6 @@ def test_train_and_soup(executed):
     for soup in report["soups"].values():
         scores = [ingredient["score"] for ingredient in soup["ingredients"]] + [soup["score"]]
         assert len(scores) == len(report["metrics"]) + 1
-        assert all(0 <= score <= 100 for score in scores)
     greedy = report["soups"]["greedy"]   # keeps an ingredient only when the soup scores no worse
     assert greedy["score"] >= max(ingredient["score"] for ingredient in greedy["ingredients"])
 
@@ -104,7 +103,6 @@ def test_train_and_soup(executed):
 def test_matryoshka_and_export(executed):
     notebook, report = result(executed, "matryoshka_and_export.ipynb")
     assert count_images(notebook) >= 1
-    assert all(0 <= score <= 100 for score in report["scores"])
     assert report["export_max_diff"] <= 1e-5   # the float32 export embeds like the checkpoint
     assert all(shape[1] == int(dim) for dim, shape in report["shapes"].items())
     assert max(report["norms"]) <= 1e-5

@@ -33,18 +33,25 @@ RECIPE = """
 Recipe.model_gin_files = ['model/tiny.gin']
 Recipe.prefinetune_gin_files = ['prefinetune.gin']
 Recipe.prefinetune_params = {prefinetune}
-Recipe.finetune_gin_files = ['finetune.gin']
+Recipe.mining = @Mining()
+Mining.data = '{pairs}'
+Mining.num_negatives = 1
+Mining.range_max = 10
+Mining.max_length = 16
+Mining.relative_margin = None
+Recipe.finetune_gin_files = ['finetune_mixture.gin']
 Recipe.finetune_params = {finetune}
 Recipe.finetune_runs = {{'a': ['SEED=0'], 'b': ['SEED=1']}}
 Recipe.soup_method = 'greedy'
-Recipe.soup_task = 'stdlib_code'
-Recipe.eval_tasks = ['stdlib_code']
+Recipe.soup_task = 'stdlib_code:validation'
+Recipe.eval_tasks = ['stdlib_code:validation', 'stdlib_code']
+Recipe.eval_max_length = None
 """
 
 
-def stage_params(corpus) -> list[str]:
-    return [f"TRAIN_DATA='{corpus['pairs']}'", "MAX_LENGTH=16", "CHECKPOINT_EVERY=3",
-            "LOG_EVERY=1", "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=1",
+def stage_params(corpus, data: bool = True) -> list[str]:
+    return [*([f"TRAIN_DATA='{corpus['pairs']}'"] if data else []), "MAX_LENGTH=16",
+            "CHECKPOINT_EVERY=3", "LOG_EVERY=1", "VOCAB_SIZE=1000", "TrainConfig.warmup_steps=1",
             f"TrainConfig.tokenizer='{corpus['tokenizer']}'"]
 
 
@@ -65,8 +72,10 @@ def corpus(tmp_path_factory):
     train_sentencepiece([t for e in pairs for t in (e.query, e.positive)], 1000, root / "sp.model")
     corpus = {"root": root, "pairs": root / "pairs.jsonl", "tokenizer": root / "sp.model"}
     (root / "recipe.gin").write_text(RECIPE.format(
+        pairs=corpus["pairs"],
         prefinetune=stage_params(corpus) + ["TRAIN_STEPS=2", "BATCH_SIZE=16"],
-        finetune=stage_params(corpus) + ["TRAIN_STEPS=3", "BATCH_SIZE=8", "LEARNING_RATE=1e-3"]))
+        finetune=stage_params(corpus, data=False) + ["TRAIN_STEPS=3", "BATCH_SIZE=8",
+                                                     "LEARNING_RATE=1e-3"]))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert cli.main(["run", f"--gin_file={root / 'recipe.gin'}", f"--workdir={root / 'run'}"]) == 0
@@ -105,7 +114,6 @@ def test_soup_of_two_is_their_mean_and_of_one_is_itself(corpus, tmp_path):
     for name in a:   # the float64 mean, rounded once to float32
         expected = ((a[name].astype(np.float64) + b[name]) / 2).astype(np.float32)
         np.testing.assert_array_equal(exported[name], expected)
-    assert not np.allclose(a["log_scale"], b["log_scale"])   # the temperature is souped too
 
     assert cli.main(["soup", f"--output={tmp_path / 'a'}", str(corpus["a"])]) == 0
     single = checkpoint_params(tmp_path / "a")
@@ -187,15 +195,23 @@ def test_encode_writes_the_embeddings_of_each_line(corpus, tmp_path):
 
 def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, capsys):
     run = corpus["root"] / "run"
-    stages = ["prefinetune", "a", "b", "soup_uniform", "soup_greedy", "model", "eval"]
+    stages = ["prefinetune", "mining", "a", "b", "soup_uniform", "soup_greedy", "model", "eval"]
     assert all((run / "stages" / f"{stage}.json").is_file() for stage in stages)
+    mined = [json.loads(line) for line in (run / "mining" / "mined.jsonl").read_text().splitlines()]
+    negatives = [example.get("negatives", []) for example in mined]
+    assert len(mined) == 200 and sum(map(len, negatives)) > 100
+    assert all(example["positive"] not in found for example, found in zip(mined, negatives))
+    assert str(run / "mining" / "mined.jsonl") in (run / "a" / "config.gin").read_text()
     results = json.loads((run / "eval" / "results.json").read_text())
-    rows = ["a", "b", "soup_uniform", "soup_greedy", "model (export of soup_greedy)"]
+    rows = ["bm25", "prefinetune", "a", "b", "soup_uniform", "soup_greedy -> model"]
     assert list(results) == rows
     for row in rows:
-        assert f"{results[row]['stdlib_code']['main_score']:.2f}" in corpus["table"]
-    assert (results["model (export of soup_greedy)"]["stdlib_code"]["main_score"]
-            == pytest.approx(results["soup_greedy"]["stdlib_code"]["main_score"], abs=1e-4))
+        for task in ("stdlib_code:validation", "stdlib_code"):
+            assert f"{results[row][task]['main_score']:.2f}" in corpus["table"]
+    greedy = json.loads((run / "soup_greedy" / "soup.json").read_text())
+    assert greedy["eval_task"] == "stdlib_code:validation"
+    assert results["soup_greedy -> model"]["stdlib_code:validation"]["main_score"] == pytest.approx(
+        greedy["score"], abs=1e-4)
     assert json.loads((run / "soup_uniform" / "soup.json").read_text())["kept"] == [
         str(run / "a" / "checkpoints" / "3"), str(run / "b" / "checkpoints" / "3")]
     finished = {stage: (run / "stages" / f"{stage}.json").stat().st_mtime_ns for stage in stages}

@@ -68,8 +68,13 @@ def run_gembed(args, env_extra=None, **popen_kwargs):
 
 @pytest.fixture(scope="module")
 def reference_run(corpus):
+    """The uninterrupted run, through `python -m gembed` like the runs compared with it: in this
+    process XLA may already have started without the flags the command sets (gembed.xla_cpu_flags),
+    which changes float rounding."""
     workdir = corpus["root"] / "reference"
-    assert cli.main(train_args(corpus, workdir)) == 0
+    process = run_gembed(train_args(corpus, workdir))
+    _, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr
     return workdir
 
 
@@ -81,7 +86,6 @@ def test_loss_falls_temperature_moves_and_retrieval_improves(corpus, reference_r
     losses = [m["loss"] for m in metrics]
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
     assert abs(metrics[-1]["temperature"] - 0.05) > 1e-5  # tiny.gin: initial_temperature 0.05
-    assert all(0 < m["mfu"] < 2 for m in metrics)
     trained = gembed.load(reference_run)
     untrained = Embedder(trained.model_config, init_params(trained.model_config, jax.random.PRNGKey(0)),
                          trained.tokenizer, max_length=64)
@@ -221,6 +225,21 @@ def test_finetune_inits_from_the_prefinetune_checkpoint(corpus, reference_run, t
     first_loss = read_metrics(tmp_path / "finetune")[0]["loss"]
     scratch_first_loss = read_metrics(reference_run)[0]["loss"]
     assert first_loss < scratch_first_loss
+
+
+def test_finetune_from_a_checkpoint_needs_no_model_gin_file(corpus, reference_run, tmp_path):
+    """INIT_FROM=CKPT fixes the architecture, as a model folder does: no model gin file, and a
+    binding that contradicts the checkpoint is an error."""
+    workdir = tmp_path / "bare"
+    params = [f"TRAIN_DATA='{corpus['pairs']}'", "TRAIN_STEPS=2", "BATCH_SIZE=8", "MAX_LENGTH=32",
+              f"INIT_FROM='{reference_run}'"]
+    args = ["train", "--gin_file=finetune.gin", f"--workdir={workdir}",
+            *[f"--gin_param={p}" for p in params]]
+    assert cli.main(args) == 0
+    assert (json.loads((workdir / "model_config.json").read_text())
+            == json.loads((reference_run / "model_config.json").read_text()))
+    assert cli.main(args[:2] + [f"--workdir={tmp_path / 'contradicts'}", *args[3:],
+                                "--gin_param=ModelConfig.num_layers=3"]) == 2
 
 
 def error_line(capsys, args) -> str:
