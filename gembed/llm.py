@@ -24,7 +24,6 @@ import tokenizers
 
 from gembed import generation, sharding
 from gembed.chat_template import compile_chat_template, read_chat_template, render_user_turn
-from gembed.convert import decoder
 from gembed.convert.families import family_of
 from gembed.convert.source import read_json, read_source
 from gembed.convert.weight_table import import_encoder
@@ -55,9 +54,9 @@ def read_causal_lm(folder: pathlib.Path, dtype: str = "float32") -> tuple[ModelC
     source = read_source(folder)
     where = source.transformer_dir / "config.json"
     model_type = source.config.get("model_type")
-    if model_type not in decoder.MODEL_TYPES:
+    if model_type not in TIED_BY_DEFAULT:   # the newer families embed but do not generate yet
         raise GembedUserError(f"{where}: model_type {model_type!r} is not a supported decoder "
-                              f"({', '.join(decoder.MODEL_TYPES)}); pick one of those families.")
+                              f"({', '.join(TIED_BY_DEFAULT)}); pick one of those families.")
     family = family_of(model_type, where)
     tensors = family.source_tensors(source.weights)
     config = dataclasses.replace(family.model_config(

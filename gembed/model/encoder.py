@@ -7,6 +7,9 @@ Packed rows (`gembed.data.packing`) hold several texts each: `segment_ids` int32
 text of every token (tokens attend only within their text) and `positions` int32[B, L] its
 position in that text, so a packed text gets the hidden states it would get alone in a row.
 
+Sliding-window (local) layers measure distance by row index, which is the position distance
+within one text under right padding, left padding and packing alike.
+
 Decoding passes `cache_index` (see `gembed.model.layers`): the L tokens fill cache slots
 cache_index.. and attend causally over the cached slots, padding (mask False) never attended;
 padding may then be on either side, with `positions` counting each row's real tokens.
@@ -19,7 +22,14 @@ import flax.linen as nn
 
 from gembed.errors import GembedUserError
 from gembed.model.config import ModelConfig
-from gembed.model.layers import KERNEL_INIT, Norm, TransformerBlock, attention_mask, dense
+from gembed.model.layers import (
+    KERNEL_INIT,
+    Norm,
+    TransformerBlock,
+    attention_mask,
+    dense,
+    sliding_window_mask,
+)
 
 
 def embed(config: ModelConfig, name: str, num_embeddings: int) -> nn.Embed:
@@ -60,11 +70,17 @@ class Encoder(nn.Module):
             x = Norm(config, name="embedding_norm")(x)
         if cache_index is None:
             visible = attention_mask(mask, segment_ids)
+            query_index = key_index = jnp.arange(length)
         else:
             visible = self._cached_visibility(mask, cache_index)
+            query_index, key_index = cache_index + jnp.arange(length), jnp.arange(visible.shape[-1])
+        if config.local_layers:
+            local_visible = visible & sliding_window_mask(query_index, key_index, config.sliding_window)
         for index in range(config.num_layers):
-            x = TransformerBlock(config, name=f"layer_{index}")(
-                x, visible, positions, deterministic=deterministic, cache_index=cache_index)
+            local = index in config.local_layers
+            x = TransformerBlock(config, local, name=f"layer_{index}")(
+                x, local_visible if local else visible, positions, deterministic=deterministic,
+                cache_index=cache_index)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
