@@ -192,7 +192,7 @@ def decoder_model_config(config: dict[str, Any], tensors: Mapping[str, np.ndarra
         local_layers=local_layers,
         sliding_window=_sliding_window(config, model_type, attention) if local_layers else None,
         qk_norm=model_type in QK_NORM, sandwich_norm=model_type in SANDWICH,
-        query_pre_attn_scalar=None if scalar in (None, head_dim) else float(scalar),
+        query_pre_attn_scalar=None if scalar in (None, head_dim) else int(scalar),
         attention_logit_softcap=config.get("attn_logit_softcapping") if model_type in SANDWICH
         else None,
         pooling=pooling, dtype="float32")

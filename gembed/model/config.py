@@ -60,7 +60,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Local layers: keys < this many positions away (causal: earlier).
     local_layers: tuple[int, ...] = ()  # Indices of the sliding-window (local) layers.
     qk_norm: bool = False  # Qwen3, Gemma 3: a `norm` over head_dim of each query and key head.
-    query_pre_attn_scalar: float | None = None  # Logits scale by its rsqrt; None: head_dim (Gemma 2/3).
+    query_pre_attn_scalar: int | None = None  # Logits scale by its rsqrt; None: head_dim (Gemma 2/3).
     attention_logit_softcap: float | None = None  # Logits become c * tanh(logits / c) (Gemma 2).
     sandwich_norm: bool = False  # Gemma 2/3: a norm on each sublayer's output before the add too.
     type_vocab_size: int = 0  # > 0: a token-type table whose row 0 is added to every token.
