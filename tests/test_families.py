@@ -118,13 +118,14 @@ def padded_batch(ids: list[list[int]], left: bool):
     return token_ids, mask, positions
 
 
-def hidden_state_differences(peer, model_dir: pathlib.Path, model_config=None) -> dict[str, float]:
+def hidden_state_differences(peer, model_dir: pathlib.Path, model_config=None,
+                             sides=("right", "left")) -> dict[str, float]:
     """{padding side: max |gembed - transformers| over real tokens} of TEXTS_FAMILIES."""
     folder = read_model_folder(model_dir)
     model_config = model_config or folder.model_config
     ids = folder.tokenizer.encode(TEXTS_FAMILIES, folder.max_length)
     differences = {}
-    for side in ("right", "left"):
+    for side in sides:
         token_ids, mask, positions = padded_batch(ids, left=side == "left")
         ours = np.asarray(Encoder(model_config).apply(
             {"params": folder.params["encoder"]}, token_ids.astype(np.int32), mask,
@@ -150,7 +151,7 @@ def test_hidden_states_match_transformers_right_and_left_padded(family, attentio
     assert max(differences.values()) <= TOLERANCE
     for field, value in ABLATIONS[model_type].items():   # each feature shows in the states
         ablated = dataclasses.replace(config, **{field: value})
-        assert min(hidden_state_differences(peer, model_dir, ablated).values()) > 1e-3, field
+        assert hidden_state_differences(peer, model_dir, ablated, ["right"])["right"] > 1e-3, field
 
 
 def test_bidirectional_flag_and_import_flag_give_one_architecture(family, tmp_path):
@@ -187,6 +188,7 @@ def test_encode_matches_transformers_pooled_by_hand(family, attention):
     assert difference <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_export_loads_into_transformers_and_imports_back(family, attention, tmp_path):
     model_type, imported = family
