@@ -5,7 +5,7 @@ Pre-norm RMSNorm blocks, RoPE (`rotate_half` layout; rope types default, linear 
 gated MLP and grouped-query attention. Qwen2 has q/k/v biases only; the Gemmas scale token
 embeddings by sqrt(hidden_size) and their RMSNorms by (1 + w); Qwen3 and Gemma 3 RMS-normalise
 each query and key head; Gemma 2/3 add sandwich norms, scale logits by query_pre_attn_scalar and
-(Gemma 2) soft-cap them; Gemma 2/3 and Qwen with `use_sliding_window` have sliding-window layers
+(Gemma 2) soft-cap them; Gemma 2/3 and Qwen3 with `use_sliding_window` have sliding-window layers
 (`layer_types`), Gemma 3's with their own RoPE base. The LM head is dropped (and with it the final
 logit soft-cap): only hidden states matter.
 
@@ -166,7 +166,7 @@ def decoder_model_config(config: dict[str, Any], tensors: Mapping[str, np.ndarra
     """The gembed architecture of a decoder family's config.json (`Family.model_config`)."""
     model_type = config["model_type"]
     local_layers = _local_layers(config, model_type)
-    if local_layers and model_type not in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+    if local_layers and model_type not in ("qwen3", "gemma2", "gemma3_text"):
         raise GembedUserError(f"{where}: sliding-window attention is not supported for "
                               f"{model_type}; import a model with full attention in every layer.")
     activation = config.get("hidden_activation") or config.get("hidden_act", "silu")
