@@ -6,8 +6,8 @@ gated MLP and grouped-query attention. Qwen2 has q/k/v biases only; the Gemmas s
 embeddings by sqrt(hidden_size) and their RMSNorms by (1 + w); Qwen3 and Gemma 3 RMS-normalise
 each query and key head; Gemma 2/3 add sandwich norms, scale logits by query_pre_attn_scalar and
 (Gemma 2) soft-cap them; Gemma 2/3 and Qwen3 with `use_sliding_window` have sliding-window layers
-(`layer_types`), Gemma 3's with their own RoPE base. The LM head is dropped (and with it the final
-logit soft-cap): only hidden states matter.
+(`layer_types`), Gemma 3's with their own RoPE base. The LM head is dropped: only hidden states
+matter (the final-logit soft-cap is kept in `final_logit_softcap` for `gembed.llm` generation).
 
 The attention is causal unless config.json says otherwise (`is_causal: false` or
 `use_bidirectional_attention: true`) or the importer is told; the export writes the flags the
@@ -195,6 +195,8 @@ def decoder_model_config(config: dict[str, Any], tensors: Mapping[str, np.ndarra
         query_pre_attn_scalar=None if scalar in (None, head_dim) else int(scalar),
         attention_logit_softcap=config.get("attn_logit_softcapping") if model_type in SANDWICH
         else None,
+        final_logit_softcap=config.get("final_logit_softcapping") if model_type in SANDWICH
+        else None,
         pooling=pooling, dtype="float32")
 
 
@@ -248,7 +250,7 @@ def _decoder_hf_config(model_type: str):
         if model_type in SANDWICH:
             config |= {"query_pre_attn_scalar": model.query_pre_attn_scalar or model.effective_head_dim,
                        "attn_logit_softcapping": model.attention_logit_softcap,
-                       "final_logit_softcapping": None}
+                       "final_logit_softcapping": model.final_logit_softcap}
         if model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
             config |= {"layer_types": ["sliding_attention" if i in model.local_layers
                                        else "full_attention" for i in range(model.num_layers)]}

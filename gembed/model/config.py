@@ -62,6 +62,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3, Gemma 3: a `norm` over head_dim of each query and key head.
     query_pre_attn_scalar: int | None = None  # Logits scale by its rsqrt; None: head_dim (Gemma 2/3).
     attention_logit_softcap: float | None = None  # Logits become c * tanh(logits / c) (Gemma 2).
+    final_logit_softcap: float | None = None  # LM-head logits (generation only, not embeddings).
     sandwich_norm: bool = False  # Gemma 2/3: a norm on each sublayer's output before the add too.
     type_vocab_size: int = 0  # > 0: a token-type table whose row 0 is added to every token.
     embedding_norm: bool = False  # BERT: a norm right after summing the embeddings.
@@ -138,7 +139,7 @@ class ModelConfig:
 
     def _check_local_attention(self):
         for field in ("sliding_window", "query_pre_attn_scalar", "attention_logit_softcap",
-                      "rope_local_theta"):
+                      "final_logit_softcap", "rope_local_theta"):
             if getattr(self, field) is not None and not getattr(self, field) > 0:
                 raise _invalid(field, getattr(self, field), "must be None or > 0")
         if any(not 0 <= index < self.num_layers for index in self.local_layers) or len(

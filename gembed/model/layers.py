@@ -109,12 +109,13 @@ def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     return keys & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
-def sliding_window_mask(query_index: jax.Array, key_index: jax.Array, window: int) -> jax.Array:
-    """bool[1, 1, Lq, Lk]: key within `window` positions of the query, |q - k| < window, from
-    the row indices int32[Lq] of the queries and int32[Lk] of the keys (cache slots when
-    decoding). The causal mask, applied with it in causal models, keeps the keys before."""
-    distance = jnp.abs(query_index[:, None] - key_index[None, :])
-    return (distance < window)[None, None]
+def sliding_window_mask(query_positions: jax.Array, key_positions: jax.Array,
+                        window: int) -> jax.Array:
+    """bool[B or 1, 1, Lq, Lk]: key within `window` positions of the query, |q - k| < window,
+    from the token positions int32[B or 1, Lq] of the queries and int32[B or 1, Lk] of the keys.
+    The causal mask, applied with it in causal models, keeps the keys before."""
+    distance = jnp.abs(query_positions[:, :, None] - key_positions[:, None, :])
+    return (distance < window)[:, None]
 
 
 class Attention(nn.Module):
