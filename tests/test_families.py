@@ -6,7 +6,7 @@ sliding-window layers mixed with global ones, are saved with `save_pretrained` a
 transformers class reads (`is_causal: false`; Gemma 3: `use_bidirectional_attention: true`).
 Hidden states must match transformers' on every real token (≤ 1e-4) in right- and left-padded
 batches (left: positions counted from each row's first real token, as transformers needs
-`position_ids` for), the embeddings of `gembed.load(...).encode` must match transformers' hidden
+`position_ids` for) and, bidirectional, in packed rows; the embeddings of `gembed.load(...).encode` must match transformers' hidden
 states pooled by hand, and the sentence-transformers export must load into transformers'
 AutoModel with the same hidden states and import back bit for bit.
 """
@@ -152,6 +152,38 @@ def test_hidden_states_match_transformers_right_and_left_padded(family, attentio
     for field, value in ABLATIONS[model_type].items():   # each feature shows in the states
         ablated = dataclasses.replace(config, **{field: value})
         assert hidden_state_differences(peer, model_dir, ablated, ["right"])["right"] > 1e-3, field
+
+
+def test_packed_rows_match_transformers_texts_alone(family):
+    """Two rows holding all texts back to back (segment ids, per-text positions): every text's
+    states are transformers' of the right-padded batch, windows and bidirectional keys included."""
+    model_type, imported = family
+    peer, model_dir = imported["bidirectional"]
+    folder = read_model_folder(model_dir)
+    ids = folder.tokenizer.encode(TEXTS_FAMILIES, folder.max_length)
+    rows = [[0, 2, 4, 5], [1, 3]]   # text indices per packed row
+    length = max(sum(len(ids[t]) for t in row) for row in rows)
+    token_ids, segment_ids, positions = (np.zeros((2, length), np.int32) for _ in range(3))
+    mask = np.zeros((2, length), bool)
+    for r, row in enumerate(rows):
+        start = 0
+        for t in row:
+            end = start + len(ids[t])
+            token_ids[r, start:end], segment_ids[r, start:end] = ids[t], t
+            positions[r, start:end], mask[r, start:end] = np.arange(len(ids[t])), True
+            start = end
+    packed = np.asarray(Encoder(folder.model_config).apply(
+        {"params": folder.params["encoder"]}, token_ids, mask, segment_ids=segment_ids,
+        positions=positions))
+    right, right_mask, _ = padded_batch(ids, left=False)
+    with torch.no_grad():
+        theirs = peer(input_ids=torch.tensor(right), attention_mask=torch.tensor(right_mask).long()
+                      ).last_hidden_state.numpy()
+    difference = max(float(np.abs(packed[r][segment_ids[r] == t][:len(ids[t])]
+                                  - theirs[t, :len(ids[t])]).max())
+                     for r, row in enumerate(rows) for t in row)
+    print(f"{model_type} bidirectional packed: max |hidden diff| {difference:.2e}")
+    assert difference <= TOLERANCE
 
 
 def test_bidirectional_flag_and_import_flag_give_one_architecture(family, tmp_path):
