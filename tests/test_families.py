@@ -6,9 +6,10 @@ sliding-window layers mixed with global ones, are saved with `save_pretrained` a
 transformers class reads (`is_causal: false`; Gemma 3: `use_bidirectional_attention: true`).
 Hidden states must match transformers' on every real token (≤ 1e-4) in right- and left-padded
 batches (left: positions counted from each row's first real token, as transformers needs
-`position_ids` for) and, bidirectional, in packed rows; the embeddings of `gembed.load(...).encode` must match transformers' hidden
-states pooled by hand, and the sentence-transformers export must load into transformers'
-AutoModel with the same hidden states and import back bit for bit.
+`position_ids` for) and, bidirectional, in packed rows; the embeddings of
+`gembed.load(...).encode` must match transformers' hidden states pooled by hand, and the
+sentence-transformers export must load into transformers' AutoModel with the same hidden states
+and import back bit for bit.
 """
 from __future__ import annotations
 
