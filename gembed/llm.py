@@ -1,6 +1,6 @@
 """`LanguageModel`: a Hugging Face decoder folder (Llama / Qwen / Gemma families, safetensors,
-tokenizer.json) loaded as a causal LM, and the host side of `gembed.generation`: tokenizing, chat formatting,
-batching and padding.
+tokenizer.json) loaded as a causal LM, and the host side of `gembed.generation`: tokenizing, chat
+formatting, batching and padding.
 
 Params are the plain float32 pytree {"encoder": ..., "lm_head": {"kernel": [D, V]}} ("lm_head"
 absent when the folder ties it to the token embedding), placed on one device, or on a mesh by
