@@ -25,14 +25,19 @@ def real_token_positions(mask: jax.Array) -> jax.Array:
 
 
 def lm_logits(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
-    """hidden: float32[..., D] → next-token logits float32[..., V] (matmul in the compute dtype)."""
+    """hidden: float32[..., D] → next-token logits float32[..., V] (matmul in the compute dtype),
+    soft-capped to (-c, c) by c = `final_logit_softcap` when set (Gemma 2)."""
     dtype = config.compute_dtype
     hidden = hidden.astype(dtype)
     if "lm_head" in params:
-        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"]["kernel"].astype(dtype),
-                          preferred_element_type=jnp.float32)
-    embedding = params["encoder"]["token_embedding"]["embedding"].astype(dtype)
-    return jnp.einsum("...d,vd->...v", hidden, embedding, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", hidden, params["lm_head"]["kernel"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        embedding = params["encoder"]["token_embedding"]["embedding"].astype(dtype)
+        logits = jnp.einsum("...d,vd->...v", hidden, embedding, preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = config.final_logit_softcap * jnp.tanh(logits / config.final_logit_softcap)
+    return logits
 
 
 def init_cache(config: ModelConfig, batch: int, slots: int) -> dict:

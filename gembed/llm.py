@@ -1,6 +1,6 @@
-"""`LanguageModel`: a Hugging Face decoder folder (Llama / Qwen2 / Gemma, safetensors, tokenizer.json)
-loaded as a causal LM, and the host side of `gembed.generation`: tokenizing, chat formatting,
-batching and padding.
+"""`LanguageModel`: a Hugging Face decoder folder (Llama / Qwen / Gemma families, safetensors,
+tokenizer.json) loaded as a causal LM, and the host side of `gembed.generation`: tokenizing, chat
+formatting, batching and padding.
 
 Params are the plain float32 pytree {"encoder": ..., "lm_head": {"kernel": [D, V]}} ("lm_head"
 absent when the folder ties it to the token embedding), placed on one device, or on a mesh by
@@ -24,7 +24,6 @@ import tokenizers
 
 from gembed import generation, sharding
 from gembed.chat_template import compile_chat_template, read_chat_template, render_user_turn
-from gembed.convert import decoder
 from gembed.convert.families import family_of
 from gembed.convert.source import read_json, read_source
 from gembed.convert.weight_table import import_encoder
@@ -35,7 +34,8 @@ from gembed.model import ModelConfig
 
 BUCKETS_PER_OCTAVE = 4
 UNBOUNDED = 1 << 30   # bucket_length cap: lengths are checked against the model, not capped
-TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "gemma": True}   # transformers' config defaults
+TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "gemma": True, "qwen3": False,   # transformers'
+                   "gemma2": True, "gemma3_text": True}                            # config defaults
 
 
 def resolve_llm_folder(spec: str) -> pathlib.Path:
@@ -55,9 +55,9 @@ def read_causal_lm(folder: pathlib.Path, dtype: str = "float32") -> tuple[ModelC
     source = read_source(folder)
     where = source.transformer_dir / "config.json"
     model_type = source.config.get("model_type")
-    if model_type not in decoder.MODEL_TYPES:
+    if model_type not in TIED_BY_DEFAULT:
         raise GembedUserError(f"{where}: model_type {model_type!r} is not a supported decoder "
-                              f"({', '.join(decoder.MODEL_TYPES)}); pick one of those families.")
+                              f"({', '.join(TIED_BY_DEFAULT)}); pick one of those families.")
     family = family_of(model_type, where)
     tensors = family.source_tensors(source.weights)
     config = dataclasses.replace(family.model_config(

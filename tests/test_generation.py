@@ -1,5 +1,5 @@
 """Causal-LM inference (`gembed.generation`, `gembed.llm`) against transformers on tiny random
-Llama / Qwen2 / Gemma models saved as safetensors: greedy generation gives `generate`'s token ids,
+Llama / Qwen2 / Gemma / Gemma 2 models saved as safetensors: greedy generation gives `generate`'s token ids,
 continuation log-probabilities match its logits, and batching, left or right padding and stop
 tokens change nothing; top-p sampling against a NumPy nucleus; chat templates as transformers
 renders them.
@@ -47,24 +47,28 @@ def random_transformers_model(model_type: str):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                    "gemma": transformers.GemmaConfig}[model_type]
+                    "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config
+                    }[model_type]
+    # Gemma 2: a sliding window shorter than the prompts, both soft-caps low enough to bite.
+    extra = dict(sliding_window=4, attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+                 query_pre_attn_scalar=24) if model_type == "gemma2" else {}
     config = config_class(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, intermediate_size=128,
                           vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=128,
                           rope_theta=1000.0, attn_implementation="eager", bos_token_id=1,
-                          eos_token_id=2, pad_token_id=0)
+                          eos_token_id=2, pad_token_id=0, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():   # large enough logits that greedy choices are not near-ties
         for name, param in model.named_parameters():
             param.normal_(0.0, 0.3 if "embed" in name or "lm_head" in name else 0.1)
-            if name.endswith("norm.weight") and model_type != "gemma":
+            if name.endswith("norm.weight") and not model_type.startswith("gemma"):
                 param.add_(1.0)
     model.generation_config.eos_token_id = None
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma", "gemma2"])
 def family(request, tmp_path_factory):
     """(transformers model, LanguageModel without stop tokens, prompts) of one family."""
     model = random_transformers_model(request.param)

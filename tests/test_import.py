@@ -294,6 +294,21 @@ def test_decoder_import_matches_numpy_reference(tmp_path, model_type, attention)
     assert folder.tokenizer.encode(["w1 w2"], 8, add_eos=True) == [[1, 5, 6, 2]]
 
 
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+     "sliding-window attention is not supported for qwen2"),
+])
+def test_decoder_features_gembed_lacks_are_refused_in_one_line(tmp_path, capsys, model_type,
+                                                               changes, message):
+    write_decoder_source(tmp_path / "source", model_type)
+    config = json.loads((tmp_path / "source" / "config.json").read_text())
+    write_json(tmp_path / "source" / "config.json", {**config, **changes})
+    status, err = run_cli(["import", f"--source={tmp_path / 'source'}",
+                           f"--output={tmp_path / 'model'}"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
 def test_decoder_import_projection_and_pooling_flags(tmp_path):
     write_decoder_source(tmp_path / "source", "llama")
     assert cli.main(["import", f"--source={tmp_path / 'source'}", f"--output={tmp_path / 'model'}",

@@ -16,11 +16,11 @@ KEY_BLOCK = 64
 BATCH_BLOCK = 2
 
 
-def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                      visible: jax.Array) -> jax.Array:
+def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, visible: jax.Array,
+                      scale: float | None = None) -> jax.Array:
     """query: [B, L, N, H]; key, value: [B, S, N, H]; visible: bool[B, 1, 1 or L, S] → [B, L, N, H],
-    softmax over the visible keys of the logits scaled by 1/sqrt(H). A query that sees no key gets
-    the mean of the values of its S keys, as `softmax_attention` gives it."""
+    softmax over the visible keys of the logits times `scale` (None: 1/sqrt(H)). A query that sees
+    no key gets the mean of the values of its S keys, as `softmax_attention` gives it."""
     batch, length, heads, head_dim = query.shape
     keys = key.shape[1]
     visible = jnp.broadcast_to(visible, (batch, 1, length, keys))
@@ -40,7 +40,8 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     visible_blocks = jnp.moveaxis(
         visible.reshape(groups, BATCH_BLOCK, 1, length, blocks, KEY_BLOCK), 4, 1)
     real_blocks = real_key.reshape(blocks, KEY_BLOCK)
-    scaled = (query * head_dim ** -0.5).reshape(groups, BATCH_BLOCK, length, heads, head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
+    scaled = (query * scale).reshape(groups, BATCH_BLOCK, length, heads, head_dim)
 
     def attend_group(group):
         q, k_blocks, v_blocks, vis_blocks = group

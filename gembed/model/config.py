@@ -17,6 +17,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITION_EMBEDDINGS = ("learned", "rope", "none")
 ATTENTION_MASKS = ("bidirectional", "causal")
 POOLINGS = ("mean", "first", "last")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -50,6 +51,19 @@ class ModelConfig:
     position_embedding: str = "learned"  # 'learned' | 'rope' | 'none'.
     max_position_embeddings: int = 512  # Rows of the learned position table.
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # Of the global layers: 'none' | 'linear' (frequencies / factor) | 'llama3'.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by factor,
+    rope_high_freq_factor: float = 4.0  # ... those below original / this kept, those between blended.
+    rope_original_max_positions: int = 8192  # llama3: the pre-training context length.
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers; None: rope_theta.
+    sliding_window: int | None = None  # Local layers: keys < this many positions away (causal: earlier).
+    local_layers: tuple[int, ...] = ()  # Indices of the sliding-window (local) layers.
+    qk_norm: bool = False  # Qwen3, Gemma 3: a `norm` over head_dim of each query and key head.
+    query_pre_attn_scalar: int | None = None  # Logits scale by its rsqrt; None: head_dim (Gemma 2/3).
+    attention_logit_softcap: float | None = None  # Logits become c * tanh(logits / c) (Gemma 2).
+    final_logit_softcap: float | None = None  # LM-head logits (generation only, not embeddings).
+    sandwich_norm: bool = False  # Gemma 2/3: a norm on each sublayer's output before the add too.
     type_vocab_size: int = 0  # > 0: a token-type table whose row 0 is added to every token.
     embedding_norm: bool = False  # BERT: a norm right after summing the embeddings.
     embedding_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size).
@@ -67,6 +81,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.output_sizes is not None:
             object.__setattr__(self, "output_sizes", tuple(self.output_sizes))
+        object.__setattr__(self, "local_layers", tuple(self.local_layers))
         self._check_choices()
         self._check_sizes()
 
@@ -78,11 +93,14 @@ class ModelConfig:
             ("position_embedding", POSITION_EMBEDDINGS),
             ("attention_mask", ATTENTION_MASKS),
             ("pooling", POOLINGS),
+            ("rope_scaling", ROPE_SCALINGS),
             ("dtype", DTYPES),
         ):
             value = getattr(self, field)
             if value not in allowed:
                 raise _invalid(field, value, "is not one of " + ", ".join(map(repr, allowed)))
+        if self.sandwich_norm and self.norm_position != "pre":
+            raise _invalid("sandwich_norm", True, f"needs norm_position='pre', not {self.norm_position!r}")
         if self.rmsnorm_unit_offset and self.norm != "rmsnorm":
             raise _invalid("rmsnorm_unit_offset", True, f"needs norm='rmsnorm', not {self.norm!r}")
 
@@ -110,6 +128,7 @@ class ModelConfig:
             raise _invalid("initial_temperature", self.initial_temperature, "must be > 0")
         if not 0 <= self.dropout_rate < 1:
             raise _invalid("dropout_rate", self.dropout_rate, "must be in [0, 1)")
+        self._check_local_attention()
         if self.output_sizes is not None:
             sizes = self.output_sizes
             if (not sizes or sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:]))
@@ -117,6 +136,24 @@ class ModelConfig:
                 raise _invalid("output_sizes", sizes,
                                "must be strictly increasing positive sizes ending at the "
                                f"embedding size {self.embedding_size} (projection_dim or hidden_size)")
+
+    def _check_local_attention(self):
+        for field in ("sliding_window", "query_pre_attn_scalar", "attention_logit_softcap",
+                      "final_logit_softcap", "rope_local_theta"):
+            if getattr(self, field) is not None and not getattr(self, field) > 0:
+                raise _invalid(field, getattr(self, field), "must be None or > 0")
+        if any(not 0 <= index < self.num_layers for index in self.local_layers) or len(
+                set(self.local_layers)) != len(self.local_layers):
+            raise _invalid("local_layers", self.local_layers,
+                           f"must be distinct layer indices in [0, {self.num_layers})")
+        if self.local_layers and self.sliding_window is None:
+            raise _invalid("local_layers", self.local_layers, "needs a sliding_window")
+        if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+            raise _invalid("rope_scaling_factor", self.rope_scaling_factor, "must be > 0")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise _invalid("rope_low_freq_factor", self.rope_low_freq_factor,
+                           f"must be in (0, rope_high_freq_factor={self.rope_high_freq_factor})")
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready values (the form workdirs and model folders store)."""

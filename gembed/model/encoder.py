@@ -7,6 +7,9 @@ Packed rows (`gembed.data.packing`) hold several texts each: `segment_ids` int32
 text of every token (tokens attend only within their text) and `positions` int32[B, L] its
 position in that text, so a packed text gets the hidden states it would get alone in a row.
 
+Sliding-window (local) layers measure distance in token positions (`positions`), within one text
+under right padding, left padding, packing and decoding alike.
+
 Decoding passes `cache_index` (see `gembed.model.layers`): the L tokens fill cache slots
 cache_index.. and attend causally over the cached slots, padding (mask False) never attended;
 padding may then be on either side, with `positions` counting each row's real tokens.
@@ -19,7 +22,14 @@ import flax.linen as nn
 
 from gembed.errors import GembedUserError
 from gembed.model.config import ModelConfig
-from gembed.model.layers import KERNEL_INIT, Norm, TransformerBlock, attention_mask, dense
+from gembed.model.layers import (
+    KERNEL_INIT,
+    Norm,
+    TransformerBlock,
+    attention_mask,
+    dense,
+    sliding_window_mask,
+)
 
 
 def embed(config: ModelConfig, name: str, num_embeddings: int) -> nn.Embed:
@@ -59,24 +69,35 @@ class Encoder(nn.Module):
         if config.embedding_norm:
             x = Norm(config, name="embedding_norm")(x)
         if cache_index is None:
-            visible = attention_mask(mask, segment_ids)
+            visible, key_positions = attention_mask(mask, segment_ids), positions
         else:
-            visible = self._cached_visibility(mask, cache_index)
+            visible, key_positions = self._cached_visibility(mask, positions, cache_index)
+        if config.local_layers:
+            local_visible = visible & sliding_window_mask(positions, key_positions,
+                                                          config.sliding_window)
         for index in range(config.num_layers):
-            x = TransformerBlock(config, name=f"layer_{index}")(
-                x, visible, positions, deterministic=deterministic, cache_index=cache_index)
+            local = index in config.local_layers
+            x = TransformerBlock(config, local, name=f"layer_{index}")(
+                x, local_visible if local else visible, positions, deterministic=deterministic,
+                cache_index=cache_index)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
 
-    def _cached_visibility(self, mask: jax.Array, cache_index: jax.Array) -> jax.Array:
-        """bool[B, 1, L, S]: the real cache slots at or before each new token's slot, after
-        recording the new tokens' mask bool[B, L] in the cached slot mask bool[B, S]."""
+    def _cached_visibility(self, mask: jax.Array, positions: jax.Array, cache_index: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+        """(bool[B, 1, L, S]: the real cache slots at or before each new token's slot, int32[B, S]:
+        the slots' token positions), after recording the new tokens' mask bool[B, L] and
+        positions int32[B or 1, L] in the cached slot mask and slot positions."""
         cached = self.variable("cache", "slot_mask", jnp.zeros, mask.shape, bool)
         cached.value = jax.lax.dynamic_update_slice_in_dim(cached.value, mask, cache_index, axis=1)
+        slot_positions = self.variable("cache", "slot_position", jnp.zeros, mask.shape, jnp.int32)
+        slot_positions.value = jax.lax.dynamic_update_slice_in_dim(
+            slot_positions.value, jnp.broadcast_to(positions, mask.shape).astype(jnp.int32),
+            cache_index, axis=1)
         query_slots = cache_index + jnp.arange(mask.shape[1])
         causal = jnp.arange(cached.value.shape[1])[None, :] <= query_slots[:, None]
-        return cached.value[:, None, None, :] & causal[None, None]
+        return cached.value[:, None, None, :] & causal[None, None], slot_positions.value
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:

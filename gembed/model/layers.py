@@ -6,10 +6,16 @@ H head_dim. Parameters are float32; activations are in `config.compute_dtype`.
 Decoding (`gembed.generation`) passes a `cache_index`: the keys and values of the L new tokens are
 written into the "cache" collection (cached_key, cached_value: [B, S, K, H], S slots) at slots
 cache_index..cache_index+L-1, and the queries attend over all S slots under `visible`.
+
+Local (sliding-window) layers, `config.local_layers`, attend under `visible & sliding_window_mask`
+and rotate by `rope_local_theta`; the global layers by `rope_theta` with `rope_scaling`.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from gembed.model.config import ModelConfig
 from gembed.model.softmax_attention import softmax_attention
@@ -55,15 +61,38 @@ class Norm(nn.Module):
         return x.astype(config.compute_dtype)
 
 
-def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(config: ModelConfig, local: bool) -> np.ndarray:
+    """float32[H/2] inverse frequencies theta^(-2i/H) of a global or local layer, the global ones
+    rescaled as `rope_scaling` says ('linear': / factor; 'llama3': transformers'
+    `_compute_llama3_parameters`, wavelengths measured against rope_original_max_positions)."""
+    head_dim = config.effective_head_dim
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    frequencies = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+    if local or config.rope_scaling == "none":
+        return frequencies
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == "linear":
+        return (frequencies / factor).astype(np.float32)
+    original, low, high = (config.rope_original_max_positions, config.rope_low_freq_factor,
+                           config.rope_high_freq_factor)
+    wavelengths = 2 * math.pi / frequencies
+    scaled = np.where(wavelengths > original / low, frequencies / factor, frequencies)
+    smooth = (original / wavelengths - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelengths >= original / high) & (wavelengths <= original / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rotary_embedding(x: jax.Array, positions: jax.Array,
+                           inverse_frequencies: np.ndarray) -> jax.Array:
     """Rotates x: [B, L, heads, H] by its token positions int32[B or 1, L] (HF Llama `rotate_half`).
 
     Dimension i of the first half pairs with dimension i + H/2, rotated by angle
-    position * theta^(-2i/H). Computed in float32, returned in x's dtype.
+    position * inverse_frequencies[i] (`rope_frequencies`). Computed in float32, returned in
+    x's dtype.
     """
-    head_dim = x.shape[3]
-    inverse_frequencies = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     first_half, second_half = jnp.split(x32, 2, axis=-1)
@@ -80,14 +109,26 @@ def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     return keys & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
+def sliding_window_mask(query_positions: jax.Array, key_positions: jax.Array,
+                        window: int) -> jax.Array:
+    """bool[B or 1, 1, Lq, Lk]: key within `window` positions of the query, |q - k| < window,
+    from the token positions int32[B or 1, Lq] of the queries and int32[B or 1, Lk] of the keys.
+    The causal mask, applied with it in causal models, keeps the keys before."""
+    distance = jnp.abs(query_positions[:, :, None] - key_positions[:, None, :])
+    return (distance < window)[:, None]
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention under an `attention_mask`.
 
-    Submodules query, key, value, output. Logits and softmax are in float32; a query whose
-    keys are all masked attends uniformly, so fully padded rows stay finite.
+    Submodules query, key, value, output (and query_norm, key_norm with `qk_norm`). Logits and
+    softmax are in float32; a query whose keys are all masked attends uniformly, so fully padded
+    rows stay finite. `local`: a sliding-window layer (its RoPE frequencies; the window is in
+    `visible`).
     """
 
     config: ModelConfig
+    local: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
@@ -105,14 +146,20 @@ class Attention(nn.Module):
         query = query.reshape(batch, length, heads, head_dim)
         key = key.reshape(batch, length, kv_heads, head_dim)
         value = value.reshape(batch, length, kv_heads, head_dim)
+        if config.qk_norm:
+            query = Norm(config, name="query_norm")(query)
+            key = Norm(config, name="key_norm")(key)
         if config.position_embedding == "rope":
-            query = apply_rotary_embedding(query, positions, config.rope_theta)
-            key = apply_rotary_embedding(key, positions, config.rope_theta)
+            frequencies = rope_frequencies(config, self.local)
+            query = apply_rotary_embedding(query, positions, frequencies)
+            key = apply_rotary_embedding(key, positions, frequencies)
         causal = config.attention_mask == "causal"
         if cache_index is not None:   # visible already holds the causal mask over cache slots
             key, value = self._through_cache(key, value, cache_index)
             causal = False
-        attended = softmax_attention(query, key, value, visible, is_causal=causal)
+        scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
+        attended = softmax_attention(query, key, value, visible, is_causal=causal, scale=scale,
+                                     logit_softcap=config.attention_logit_softcap)
         attended = attended.reshape(batch, length, heads * head_dim)
         return dense(config, hidden, config.use_bias, "output")(attended)
 
@@ -150,31 +197,39 @@ class Mlp(nn.Module):
         return dense(config, x.shape[-1], config.use_bias, "down")(hidden)
 
 
-def residual(x: jax.Array, norm: Norm, sublayer, dropout: nn.Dropout, norm_position: str) -> jax.Array:
-    """Pre-norm x + dropout(f(norm(x))), or post-norm norm(x + dropout(f(x))); x: [B, L, D]."""
+def residual(x: jax.Array, norm: Norm, sublayer, dropout: nn.Dropout, norm_position: str,
+             post_norm: Norm | None = None) -> jax.Array:
+    """Pre-norm x + dropout(f(norm(x))), or post-norm norm(x + dropout(f(x))); x: [B, L, D].
+    `post_norm` (pre-norm only, Gemma 2/3 "sandwich"): x + dropout(post_norm(f(norm(x))))."""
     if norm_position == "pre":
-        return x + dropout(sublayer(norm(x)))
+        output = sublayer(norm(x))
+        return x + dropout(output if post_norm is None else post_norm(output))
     return norm(x + dropout(sublayer(x)))
 
 
 class TransformerBlock(nn.Module):
     """Attention then MLP, each inside a `residual` connection with its norm.
 
-    Submodules attention_norm, attention, mlp_norm, mlp. Dropout (rng collection 'dropout')
-    precedes each residual add when not deterministic.
+    Submodules attention_norm, attention, mlp_norm, mlp (and attention_post_norm, mlp_post_norm
+    with `sandwich_norm`). Dropout (rng collection 'dropout') precedes each residual add when not
+    deterministic. `local`: a sliding-window layer (see `Attention`).
     """
 
     config: ModelConfig
+    local: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array, *,
                  deterministic: bool = True, cache_index: jax.Array | None = None) -> jax.Array:
         """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D]."""
         config = self.config
-        attention = Attention(config, name="attention")
+        attention = Attention(config, self.local, name="attention")
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
+        sandwich = config.sandwich_norm
         x = residual(x, Norm(config, name="attention_norm"),
                      lambda y: attention(y, visible, positions, cache_index),
-                     dropout, config.norm_position)
+                     dropout, config.norm_position,
+                     Norm(config, name="attention_post_norm") if sandwich else None)
         return residual(x, Norm(config, name="mlp_norm"), Mlp(config, name="mlp"),
-                        dropout, config.norm_position)
+                        dropout, config.norm_position,
+                        Norm(config, name="mlp_post_norm") if sandwich else None)
