@@ -129,6 +129,7 @@ def assert_lora_steps_agree(mesh, case: Case, rules=()) -> None:
         assert_trees_close(params, plain[2], f"{name} updated param")
 
 
+@pytest.mark.slow
 def test_lora_step_with_gradient_caching_and_packing_equals_the_plain_step():
     assert_lora_steps_agree(sharding.make_mesh(), Case(batch=16, chunk=4, hard_negatives=1))
 
@@ -203,9 +204,19 @@ def trained_tree(run: pathlib.Path) -> dict[str, np.ndarray]:
     return flat(checkpoint.restore_params(ref, abstract))
 
 
+@pytest.fixture(scope="module")
+def lora_runs(tiny_base):
+    """Two LoRA runs (seeds 0, 1) of 4 steps on the tiny base."""
+    return [lora_run(tiny_base, f"run{seed}", seed) for seed in (0, 1)]
+
+
+HELDOUT = [e.query for e in load_builtin("stdlib_code", "test")[:32]]
+
+
 @pytest.mark.slow
-def test_lora_runs_checkpoint_adapters_export_merged_and_soup_their_deltas(tiny_base, tmp_path):
-    runs = [lora_run(tiny_base, f"run{seed}", seed) for seed in (0, 1)]
+def test_lora_runs_checkpoint_adapters_export_merged_and_soup_their_deltas(tiny_base, lora_runs,
+                                                                           tmp_path):
+    runs = lora_runs
     record = json.loads((runs[0] / workdir.LORA_FILE).read_text())
     assert record["base"] == str(tiny_base / "base") and record["lora"]["rank"] == 8
     trees = [trained_tree(run) for run in runs]
@@ -222,9 +233,8 @@ def test_lora_runs_checkpoint_adapters_export_merged_and_soup_their_deltas(tiny_
     np.testing.assert_allclose(exported[kernel], base[kernel] + delta, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(exported["encoder/layer_0/mlp/up/kernel"],
                                   base["encoder/layer_0/mlp/up/kernel"])
-    texts = [e.query for e in load_builtin("stdlib_code", "test")[:32]]
-    adapter_model = gembed.load(runs[0]).encode(texts)
-    np.testing.assert_allclose(gembed.load(tmp_path / "exported").encode(texts), adapter_model,
+    adapter_model = gembed.load(runs[0]).encode(HELDOUT)
+    np.testing.assert_allclose(gembed.load(tmp_path / "exported").encode(HELDOUT), adapter_model,
                                atol=1e-5)
     # soup: base + the mean of the merged deltas
     assert cli.main(["soup", f"--output={tmp_path / 'soup'}", *map(str, runs)]) == 0
@@ -232,6 +242,21 @@ def test_lora_runs_checkpoint_adapters_export_merged_and_soup_their_deltas(tiny_
     mean_delta = np.mean([scale * t[f"{kernel}/lora_a"].astype(np.float64)
                           @ t[f"{kernel}/lora_b"] for t in trees], axis=0)
     np.testing.assert_allclose(souped[kernel], base[kernel] + mean_delta, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_sentence_transformers_export_of_a_lora_run_encodes_like_the_adapter_model(lora_runs,
+                                                                                  tmp_path):
+    pytest.importorskip("torch")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    assert cli.main(["export", f"--checkpoint={lora_runs[1]}", f"--output={tmp_path / 'st'}",
+                     "--format=sentence-transformers"]) == 0
+    peer = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    theirs = peer.encode(HELDOUT, normalize_embeddings=True)
+    ours = gembed.load(lora_runs[1]).encode(HELDOUT)
+    error = np.abs(theirs - ours).max()
+    print(f"sentence-transformers export vs adapter model: max |difference| {error:.2e}")
+    assert error <= 1e-5
 
 
 @pytest.mark.slow
