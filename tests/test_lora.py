@@ -156,6 +156,22 @@ def test_lora_step_on_8_devices_with_fsdp():
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
 
 
+def test_a_bfloat16_base_keeps_adapters_and_optimizer_state_float32():
+    config = dataclasses.replace(LORA, base_dtype="bfloat16")
+    optimizer = make_optimizer(TrainConfig(train_data="x"))
+    state = init_state(CONFIG, optimizer, seed=0, lora_config=config)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.frozen)} == {jnp.dtype("bfloat16")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state)} <= {
+        jnp.dtype("float32"), jnp.dtype("int32")}
+    merged = flat(lora.merge(state.params, state.frozen, config=config))
+    assert merged["encoder/layer_0/attention/query/kernel"].dtype == np.float32
+    base = init_params(CONFIG, jax.random.fold_in(jax.random.PRNGKey(0), 0))   # init_state's
+    batch = synthetic_batch(Case(batch=8, chunk=8))
+    np.testing.assert_allclose(embed(traverse_util.unflatten_dict(merged, sep="/"), batch),
+                               embed(base, batch), atol=0.05)
+
+
 def test_lora_config_errors_name_the_fix():
     base = init_params(CONFIG, jax.random.PRNGKey(0))
     with pytest.raises(GembedUserError, match="match no param"):
