@@ -44,8 +44,9 @@ class Encoder(nn.Module):
         `cache_index` (int32 scalar): decode through the "cache" collection (module docstring)."""
         config = self.config
         length = token_ids.shape[1]
-        if positions is None:   # a real token's index among its row's real tokens (0 on padding)
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        if positions is None:   # a real token's index among its row's real tokens; padding: its
+            positions = jnp.where(mask, jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1,   # index
+                                  jnp.arange(length, dtype=jnp.int32)[None])
         x = embed(config, "token_embedding", config.vocab_size)(token_ids)
         if config.embedding_scale:
             x = x * jnp.asarray(math.sqrt(config.hidden_size), config.compute_dtype)
