@@ -220,7 +220,8 @@ def trained_tree(run: pathlib.Path) -> dict[str, np.ndarray]:
     abstract = jax.eval_shape(functools.partial(lora.split, config=record.config),
                               workdir.abstract_params(workdir.read_model_config(run)),
                               jax.random.PRNGKey(0))[0]
-    return flat(checkpoint.restore_params(ref, abstract))
+    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return flat(checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement)))
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +324,24 @@ def test_minilm_lora_starts_as_minilm_and_exports_like_the_adapter_model(tmp_pat
     error = np.abs(gembed.load(tmp_path / "exported").encode(HELDOUT) - adapter_model).max()
     print(f"MiniLM LoRA: merged export vs adapter model: max |difference| {error:.2e}")
     assert error <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_on_two_hosts_with_fsdp_and_gradient_caching_matches_one_process(tiny_base):
+    """The same LoRA run as 2 processes x 4 devices (FSDP rules, CHUNK_SIZE=1, packing): the same
+    losses and adapters as in one process on one device."""
+    from test_train import read_metrics, run_two_processes
+
+    one = lora_run(tiny_base, "one_process", 7)
+    params = [f"TRAIN_DATA='{tiny_base / 'pairs.jsonl'}'", "TRAIN_STEPS=4", "BATCH_SIZE=8",
+              "MAX_LENGTH=32", "CHECKPOINT_EVERY=2", "LOG_EVERY=2", "LEARNING_RATE=1e-2",
+              "TrainConfig.warmup_steps=0", "TrainConfig.end_learning_rate_fraction=1.0",
+              "SEED=7", f"INIT_FROM='{tiny_base / 'base'}'", "CHUNK_SIZE=1"]
+    run_two_processes(["train", "--gin_file=finetune.gin", "--gin_file=lora.gin",
+                       "--gin_file=sharding/fsdp.gin", f"--workdir={tiny_base / 'two_hosts'}",
+                       *(f"--gin_param={p}" for p in params)])
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(tiny_base / "two_hosts")],
+                               [m["loss"] for m in read_metrics(one)], rtol=1e-5)
+    two = trained_tree(tiny_base / "two_hosts")
+    for name, value in trained_tree(one).items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
