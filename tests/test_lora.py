@@ -31,6 +31,7 @@ from gembed.objective import batch_loss
 from gembed.recipe import train_stage
 from gembed.train import init_state, learning_rate_schedule, make_optimizer, train_step
 from test_gradcache import Case, assert_trees_close, packed, synthetic_batch
+from test_train import read_metrics, run_two_processes
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
@@ -330,8 +331,6 @@ def test_minilm_lora_starts_as_minilm_and_exports_like_the_adapter_model(tmp_pat
 def test_lora_on_two_hosts_with_fsdp_and_gradient_caching_matches_one_process(tiny_base):
     """The same LoRA run as 2 processes x 4 devices (FSDP rules, CHUNK_SIZE=1, packing): the same
     losses and adapters as in one process on one device."""
-    from test_train import read_metrics, run_two_processes
-
     one = lora_run(tiny_base, "one_process", 7)
     params = [f"TRAIN_DATA='{tiny_base / 'pairs.jsonl'}'", "TRAIN_STEPS=4", "BATCH_SIZE=8",
               "MAX_LENGTH=32", "CHECKPOINT_EVERY=2", "LOG_EVERY=2", "LEARNING_RATE=1e-2",
