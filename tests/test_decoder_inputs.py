@@ -5,17 +5,16 @@ bidirectional; and `Embedder.encode(task=...)` feeds the model the very tokens t
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
-from gembed.data.batching import QUERY_SLOT, POSITIVE_SLOT, TrainBatches
+from gembed.data.batching import POSITIVE_SLOT, QUERY_SLOT, TrainBatches
 from gembed.data.examples import Example
 from gembed.data.mixture import DatasetSpec, TrainingDataset
 from gembed.data.packing import pack
 from gembed.embedder import Embedder
 from gembed.model import EmbeddingModel, ModelConfig, init_params
-
-import jax
 
 LENGTH, VOCAB, PAD = 16, 97, 0
 
@@ -83,17 +82,15 @@ def test_encode_feeds_the_tokens_training_gave_queries_and_documents(monkeypatch
     examples = [Example(query=f"sort the list {i}", positive=f"def f{i}(x): return sorted(x)")
                 for i in range(4)]
     tokenizer = CharTokenizer()
-    batch = TrainBatches([TrainingDataset(spec, examples)], tokenizer, batch_size=4,
-                         max_length=96, num_hard_negatives=0, seed=0, add_eos=True,
-                         rows=slice(0, 4))[0]
+    batches = TrainBatches([TrainingDataset(spec, examples)], tokenizer, batch_size=4,
+                           max_length=96, num_hard_negatives=0, seed=0, add_eos=True,
+                           rows=slice(0, 4))
+    batch, order = batches[0], batches.example_indices(0)
     trained = {}
     for row in range(4):
         for slot in (QUERY_SLOT, POSITIVE_SLOT):
             ids, mask = batch["token_ids"][row, slot], batch["token_mask"][row, slot]
             trained[(row, slot)] = list(ids[mask])
-    order = TrainBatches([TrainingDataset(spec, examples)], tokenizer, batch_size=4,
-                         max_length=96, num_hard_negatives=0, seed=0, add_eos=True,
-                         rows=slice(0, 4)).example_indices(0)
     config = decoder("causal", "last")
     embedder = Embedder(config, init_params(config, jax.random.PRNGKey(0)), tokenizer, 96,
                         {"code": prompt})
