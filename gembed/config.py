@@ -22,6 +22,7 @@ from gembed.convert import hub, hub_folder
 from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
 from gembed.evaluation.tasks import parse_task_list
+from gembed.lora import LoraConfig
 from gembed.model import ModelConfig
 from gembed.sharding import ShardingConfig
 
@@ -152,6 +153,7 @@ class StageConfig:
     loss: LossConfig
     evaluation: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 def _resolve_gin_file(name: str) -> str:
@@ -251,7 +253,7 @@ def build_stage_config() -> StageConfig:
         model = model_folder.finetune_model_config(
             workdir.read_model_config(source), gin.get_bindings(ModelConfig), source)
     return StageConfig(train=train, model=model, loss=LossConfig(), evaluation=EvalConfig(),
-                       sharding=ShardingConfig())
+                       sharding=ShardingConfig(), lora=LoraConfig())
 
 
 def write_operative_config(path: os.PathLike) -> None:

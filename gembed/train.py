@@ -1,7 +1,8 @@
 """The training stage: TrainState, the pure jitted train step, and the loop around it.
 
 Restore order: the workdir's own latest checkpoint (resume), else INIT_FROM (params only), else a
-fresh init from SEED. Per-step randomness is `fold_in(rng, step)`, and the data order is a function
+fresh init from SEED. A LoRA run (`gembed.lora`, LoraConfig.rank > 0) trains and checkpoints only its
+trainable tree; its frozen base is read from INIT_FROM at every start, resumes included. Per-step randomness is `fold_in(rng, step)`, and the data order is a function
 of the step, so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import checkpoint, flops, gradcache, model_folder, sharding, workdir as workdir_files
+from gembed import checkpoint, flops, gradcache, lora, model_folder, sharding, workdir as workdir_files
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
@@ -42,9 +44,11 @@ class TrainState:
     """Everything that changes during training; a pytree."""
 
     step: jax.Array        # int32[] optimizer steps taken
-    params: Any            # the EmbeddingModel params (log_scale included)
+    params: Any            # what trains: the EmbeddingModel params (log_scale included), or a
+                           # LoRA run's trainable tree
     opt_state: Any
     rng: jax.Array         # uint32[2] base key; step keys are fold_in(rng, step)
+    frozen: Any = None     # a LoRA run's frozen base (not checkpointed); None otherwise
 
     def items(self) -> dict[str, Any]:
         """The checkpoint items (see `checkpoint.ITEMS`)."""
@@ -52,9 +56,9 @@ class TrainState:
                 "loop": {"step": self.step, "rng": self.rng}}
 
     @classmethod
-    def from_items(cls, items: dict[str, Any]) -> "TrainState":
+    def from_items(cls, items: dict[str, Any], frozen: Any = None) -> "TrainState":
         return cls(step=items["loop"]["step"], params=items["params"],
-                   opt_state=items["opt_state"], rng=items["loop"]["rng"])
+                   opt_state=items["opt_state"], rng=items["loop"]["rng"], frozen=frozen)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -84,19 +88,24 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: ModelConfig,
                loss_config: LossConfig, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, chunk_size: int | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               mesh: jax.sharding.Mesh | None = None, lora_config: lora.LoraConfig | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch. Pure; jit it with the state donated.
 
     With `chunk_size` (and the batch's `mesh`) the gradient is computed by gradient caching
     (`gembed.gradcache`): the same gradient, with activations of one chunk per device alive.
+    With `lora_config` enabled, `state.params` is the trainable tree and only it is differentiated.
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     if chunk_size is None:
-        grad_fn = functools.partial(jax.value_and_grad(batch_loss, has_aux=True),
-                                    model_config=model_config, loss_config=loss_config)
+        def trainable_loss(params, batch, rng):
+            return batch_loss(lora.combine(params, state.frozen, rng, config=lora_config), batch,
+                              rng, model_config=model_config, loss_config=loss_config)
+        grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
     else:
         grad_fn = functools.partial(gradcache.cached_value_and_grad, model_config=model_config,
-                                    loss_config=loss_config, chunk_size=chunk_size, mesh=mesh)
+                                    loss_config=loss_config, chunk_size=chunk_size, mesh=mesh,
+                                    frozen=state.frozen, lora_config=lora_config)
     (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -105,17 +114,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: 
     return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def init_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
+def adapter_key(seed: int) -> jax.Array:
+    """The key of a LoRA run's initial adapters."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+
+
+def init_state(model_config: ModelConfig, optimizer, seed: int,
+               lora_config: lora.LoraConfig | None = None) -> TrainState:
+    """The state of a fresh init from `seed`; a LoRA run's adapters on that random base."""
     rng = jax.random.PRNGKey(seed)
     params = init_params(model_config, jax.random.fold_in(rng, 0))
+    frozen = None
+    if lora_config is not None and lora_config.enabled:
+        params, frozen = lora.split(params, adapter_key(seed), config=lora_config)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
+                      opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1),
+                      frozen=frozen)
 
 
 def state_shardings(stage: StageConfig, optimizer, mesh) -> TrainState:
     """The NamedSharding of every TrainState leaf, by `stage.sharding.param_rules`."""
-    abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer, stage.train.seed))
+    abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer,
+                                                stage.train.seed, stage.lora))
     return sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
+
+
+def abstract_base(stage: StageConfig, mesh) -> Any:
+    """ShapeDtypeStructs (with shardings by the rules) of the model's whole params."""
+    abstract = workdir_files.abstract_params(stage.model)
+    shardings = sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,35 +155,73 @@ class InitFrom:
     restore_params: Callable[[Any], Any]   # abstract params (with shardings) -> params
 
 
+def _put_like(params, abstract):
+    """Host params placed (and cast) like `abstract`."""
+    return sharding.put(jax.tree.map(lambda value, leaf: np.asarray(value, leaf.dtype), params,
+                                     abstract), jax.tree.map(lambda leaf: leaf.sharding, abstract))
+
+
 def resolve_init_from(path: str) -> InitFrom:
-    """INIT_FROM as a model folder (params read on the host, then placed) or a CKPT (restored
-    by orbax straight onto the shardings)."""
+    """INIT_FROM as a model folder (params read on the host, then placed), a CKPT (restored by
+    orbax straight onto the shardings), or a LoRA run's CKPT (merged on the host, then placed)."""
     if model_folder.is_model_folder(path):
         folder = model_folder.read_model_folder(path)
-        return InitFrom(folder.path, lambda abstract: sharding.put(
-            folder.params, jax.tree.map(lambda leaf: leaf.sharding, abstract)))
+        return InitFrom(folder.path, functools.partial(_put_like, folder.params))
     ref = checkpoint.resolve(path, role="INIT_FROM")
+    if workdir_files.read_lora(ref.workdir) is not None:
+        return InitFrom(ref.workdir, lambda abstract: _put_like(
+            jax.device_get(workdir_files.restore_params(ref)), abstract))
     return InitFrom(ref.workdir, functools.partial(checkpoint.restore_params, ref))
 
 
+def base_reference(path: str) -> str:
+    """The stable name of a LoRA run's base: a model folder's path, or a CKPT's step folder."""
+    if model_folder.is_model_folder(path):
+        return str(pathlib.Path(path).resolve())
+    return str(checkpoint.resolve(path, role="INIT_FROM").step_dir)
+
+
 def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom | None,
-                    shardings) -> TrainState:
+                    shardings, mesh) -> TrainState:
     """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
 
-    `shardings`: the TrainState of NamedShardings every leaf is placed with.
+    `shardings`: the TrainState of NamedShardings every leaf is placed with. A LoRA run's
+    `init_from` (its base) is given on resumes too: the frozen tree is not checkpointed.
     """
-    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed)
+    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed, stage.lora)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(make), shardings)
+    base = None
+    if init_from is not None and (stage.lora.enabled or manager.latest_step() is None):
+        base = init_from.restore_params(abstract_base(stage, mesh))
     latest = manager.latest_step()
     if latest is not None:
-        return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()))
+        frozen = None if base is None else jax.jit(
+            functools.partial(lora.frozen_of, config=stage.lora),
+            out_shardings=shardings.frozen)(base)
+        return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()), frozen)
     state = jax.jit(make, out_shardings=shardings)()
-    if init_from is not None:
-        params = init_from.restore_params(abstract.params)
-        state = dataclasses.replace(state, params=params, opt_state=jax.jit(
+    if base is not None:
+        params, frozen = base, None
+        if stage.lora.enabled:
+            params, frozen = jax.jit(functools.partial(lora.split, config=stage.lora),
+                                     out_shardings=(shardings.params, shardings.frozen))(
+                base, adapter_key(stage.train.seed))
+        state = dataclasses.replace(state, params=params, frozen=frozen, opt_state=jax.jit(
             optimizer.init, out_shardings=shardings.opt_state)(params))
     return state
+
+
+def model_params(state: TrainState, lora_config: lora.LoraConfig) -> Any:
+    """The EmbeddingModel params of a state (a LoRA run's adapters merged)."""
+    if state.frozen is None:
+        return state.params
+    return _merge_jit(lora_config)(state.params, state.frozen)
+
+
+@functools.lru_cache(maxsize=4)
+def _merge_jit(lora_config: lora.LoraConfig):
+    return jax.jit(functools.partial(lora.merge, rng=None, config=lora_config))
 
 
 def load_training_data(config: TrainConfig) -> tuple[list[TrainingDataset], SkippedLines | None]:
@@ -190,6 +257,23 @@ def workdir_tokenizer(workdir: pathlib.Path, stage: StageConfig,
     return tokenizer
 
 
+def check_lora_base(workdir: pathlib.Path, stage: StageConfig, resuming: bool) -> str | None:
+    """A LoRA run's base reference (`base_reference`; the recorded one when resuming), else None."""
+    if not stage.lora.enabled:
+        return None
+    recorded = workdir_files.read_lora(workdir)
+    if resuming and recorded is not None:
+        if recorded.config != stage.lora:
+            raise GembedUserError(
+                f"{workdir / workdir_files.LORA_FILE}: this run was started with {recorded.config} "
+                f"but is resumed with {stage.lora}; resume with the same LoraConfig bindings.")
+        return recorded.base
+    if not stage.train.init_from:
+        raise GembedUserError("LoraConfig.rank > 0 needs INIT_FROM, the base model the adapters "
+                              "adapt; set --gin_param=\"INIT_FROM='MODEL_DIR'\" or LoraConfig.rank=0.")
+    return base_reference(stage.train.init_from)
+
+
 def pack_groups(config: TrainConfig, mesh) -> int:
     """Packing groups in this process's rows: one per local data-parallel device, or one per
     gradient-cache chunk of each, so that a device (a chunk) holds its own examples' texts only."""
@@ -205,7 +289,7 @@ def jit_train_step(stage: StageConfig, optimizer, mesh, shardings):
     return jax.jit(
         functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
                           optimizer=optimizer, schedule=learning_rate_schedule(stage.train),
-                          chunk_size=stage.train.chunk_size, mesh=mesh),
+                          chunk_size=stage.train.chunk_size, mesh=mesh, lora_config=stage.lora),
         in_shardings=(shardings, sharding.batch_sharded(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)
@@ -226,8 +310,10 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     datasets, skipped = load_training_data(config)
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
-    init_from = resolve_init_from(config.init_from) if config.init_from and not resuming else None
-    tokenizer = workdir_tokenizer(workdir, stage, datasets, init_from)
+    lora_base = check_lora_base(workdir, stage, resuming)
+    init_from = (resolve_init_from(lora_base or config.init_from)
+                 if lora_base or (config.init_from and not resuming) else None)
+    tokenizer = workdir_tokenizer(workdir, stage, datasets, None if resuming else init_from)
     batches = TrainBatches(
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
@@ -237,12 +323,14 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
 
     optimizer = make_optimizer(config)
     shardings = state_shardings(stage, optimizer, mesh)
-    state = restore_or_init(stage, optimizer, manager, init_from, shardings)
+    state = restore_or_init(stage, optimizer, manager, init_from, shardings, mesh)
     if jax.process_index() == 0:
         write_operative_config(workdir / workdir_files.CONFIG_GIN)
         workdir_files.write_run_metadata(
             workdir, stage.model, max_length=config.max_length,
             task_prompts={d.spec.name: d.spec.query_prompt for d in datasets if d.spec.query_prompt})
+        if stage.lora.enabled:
+            workdir_files.write_lora(workdir, stage.lora, lora_base)
     step_fn = jit_train_step(stage, optimizer, mesh, shardings)
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
@@ -279,7 +367,8 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
             shapes.add(tuple(value.shape for value in host_batch.values()))
             meter.add_step(flops.train_flops(stage.model, flops.text_lengths(host_batch)))
             done = step + 1
-            eval_values = evaluator.maybe_run(done, state.params)   # {} unless evaluation is due
+            eval_values = evaluator.maybe_run(   # {} unless evaluation is due
+                done, model_params(state, stage.lora) if evaluator.due(done) else None)
             meter.exclude(evaluator.last_seconds)   # evaluation time is not training throughput
             if eval_values or done % config.log_every == 0 or done == config.train_steps:
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}

@@ -4,6 +4,9 @@
     DIR/model_config.json     the ModelConfig fields (`ModelConfig.to_dict`)
     DIR/task_prompts.json     {dataset name: query prompt}, for `Embedder.encode(task=...)`
     DIR/embedder.json         {"max_length": MAX_LENGTH}, the tokens per text the run trained with
+    DIR/lora.json             a LoRA run only: {"lora": LoraConfig fields, "base": the model folder
+                              or CKPT step folder of INIT_FROM}; its checkpoints hold the
+                              trainable tree (`gembed.lora`), read back merged with that base
     DIR/tokenizer.model | tokenizer.json (+ tokenizer_config.json)   see `data.tokenizer_files`
     DIR/checkpoints/STEP/     orbax checkpoints (`gembed.checkpoint`)
     DIR/metrics.jsonl, DIR/tb/   training metrics (`gembed.metrics`)
@@ -15,6 +18,7 @@ reads a CKPT for inference (export, soup, mining, the recipe's evaluation) goes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -22,7 +26,7 @@ from typing import Any
 
 import jax
 
-from gembed import checkpoint
+from gembed import checkpoint, lora, model_folder
 from gembed.data.tokenizer_files import TOKENIZER_FILES, open_tokenizer
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig, init_params
@@ -31,6 +35,7 @@ CONFIG_GIN = "config.gin"
 ARCHITECTURE_FILE = "model_config.json"
 TASK_PROMPTS_FILE = "task_prompts.json"
 EMBEDDER_FILE = "embedder.json"
+LORA_FILE = "lora.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 # What a run's inference needs besides its params: copied as a whole into a soup.
@@ -91,17 +96,61 @@ def recorded_max_length(workdir: pathlib.Path) -> int:
     return int(_read_json(path, "pass --max_length instead.")["max_length"])
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraRecord:
+    """A LoRA run's lora.json: its LoraConfig and the reference to its base."""
+
+    config: lora.LoraConfig
+    base: str
+
+
+def write_lora(workdir: pathlib.Path, lora_config: lora.LoraConfig, base: str) -> None:
+    _write_json(workdir / LORA_FILE, {"lora": lora_config.to_dict(), "base": base})
+
+
+def read_lora(workdir: pathlib.Path) -> LoraRecord | None:
+    """The LoRA record of a workdir; None for a run that trains every param."""
+    path = workdir / LORA_FILE
+    if not path.is_file():
+        return None
+    record = _read_json(path, "re-run the stage that wrote it.")
+    try:
+        return LoraRecord(lora.LoraConfig.from_dict(record["lora"]), str(record["base"]))
+    except (TypeError, KeyError) as e:
+        raise GembedUserError(f"{path}: not a LoRA record ({e}); re-run the stage that wrote it.") from None
+
+
+def _base_params(base: str, model_config: ModelConfig) -> Any:
+    """The params of a LoRA run's base: a model folder, or a CKPT (itself maybe a LoRA run)."""
+    if model_folder.is_model_folder(base):
+        return model_folder.read_model_folder(base).params
+    if not pathlib.Path(base).is_dir():
+        raise GembedUserError(f"{base}: the base of this LoRA run is gone; restore it there (its "
+                              f"checkpoints hold the adapters only).")
+    return restore_params(checkpoint.resolve(base, role="LoRA base"), model_config)
+
+
 def abstract_params(model_config: ModelConfig) -> Any:
     """ShapeDtypeStructs of the params of `model_config`, computing nothing."""
     return jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
 
 
 def restore_params(ref: checkpoint.CheckpointRef, model_config: ModelConfig | None = None) -> Any:
-    """The params of a resolved CKPT on the default device (its workdir's model unless given)."""
+    """The params of a resolved CKPT on the default device (its workdir's model unless given); a
+    LoRA run's adapters come back merged into its base (`lora.merge`), a plain params tree."""
     model_config = model_config or read_model_config(ref.workdir)
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return checkpoint.restore_params(
-        ref, checkpoint.abstract_like(abstract_params(model_config), placement))
+    record = read_lora(ref.workdir)
+    abstract = abstract_params(model_config)
+    if record is None:
+        return checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+    abstract_trainable = jax.eval_shape(functools.partial(lora.split, config=record.config),
+                                        abstract, jax.random.PRNGKey(0))[0]
+    trainable = checkpoint.restore_params(
+        ref, checkpoint.abstract_like(abstract_trainable, placement))
+    base = jax.device_put(_base_params(record.base, model_config), placement)
+    return jax.jit(functools.partial(lora.merge, rng=None, config=record.config))(
+        trainable, lora.frozen_of(base, config=record.config))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gembed import gradcache, sharding
+from gembed import gradcache, lora, sharding
 from gembed.config import LossConfig, TrainConfig
 from gembed.data.packing import pack
 from gembed.errors import GembedUserError
@@ -193,13 +193,14 @@ def test_dropout_gradient_is_exact_for_the_chunk_keys():
     def direct_loss(p, dropout_rate):
         embed_chunk = functools.partial(
             gradcache._embed_padded_chunk, chunk_size=case.chunk, slots=2 + case.hard_negatives,
-            model_config=dataclasses.replace(config, dropout_rate=dropout_rate))
+            model_config=dataclasses.replace(config, dropout_rate=dropout_rate),
+            model_params=functools.partial(lora.combine, config=None))
         embed = jax.shard_map(
             functools.partial(gradcache._embed_chunks, embed_chunk=embed_chunk,
                               chunk_size=case.chunk, packed=False),
             mesh=mesh, out_specs=PartitionSpec("data"),
-            in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec()))
-        return embeddings_loss(p, embed(p, tokens, rng), batch, config, loss_config)[0]
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("data"), PartitionSpec()))
+        return embeddings_loss(p, embed(p, None, tokens, rng), batch, config, loss_config)[0]
 
     @jax.jit
     def cached_and_direct(params):

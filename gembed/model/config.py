@@ -70,7 +70,7 @@ class ModelConfig:
     use_bias: bool = True  # Biases of the attention output and MLP dense layers.
     qkv_bias: bool | None = None  # None: use_bias (Qwen: q/k/v bias without an o-proj bias).
     attention_mask: str = "bidirectional"  # 'bidirectional' | 'causal'; pad keys always masked.
-    pooling: str = "mean"  # 'mean' over real tokens | 'first' | 'last' real token (right padding).
+    pooling: str = "mean"  # 'mean' over real tokens | 'first' | 'last' real token (either padding side).
     projection_dim: int | None = None  # None: no projection after pooling.
     projection_bias: bool = True
     output_sizes: tuple[int, ...] | None = None  # Matryoshka prefix sizes, increasing, last = embedding_size.

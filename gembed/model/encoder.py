@@ -1,7 +1,8 @@
 """`Encoder` (tokens → hidden states) and `EmbeddingModel` (tokens → one vector per text).
 
 Shapes: B batch, L sequence length, D hidden_size, E embedding_size. `mask` is bool[B, L],
-True for real tokens; padding is on the right.
+True for real tokens; padding may be on the right (gembed's own batches) or the left: a row's real
+tokens sit at positions 0, 1, ... by default, and 'last' pooling reads the last real token.
 
 Packed rows (`gembed.data.packing`) hold several texts each: `segment_ids` int32[B, L] names the
 text of every token (tokens attend only within their text) and `positions` int32[B, L] its
@@ -48,12 +49,14 @@ class Encoder(nn.Module):
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                  cache_index: jax.Array | None = None) -> jax.Array:
         """token_ids: int32[B, L]; mask: bool[B, L]; optional segment_ids, positions: int32[B, L]
-        (default: one text per row at positions 0..L-1) → final hidden states float32[B, L, D].
+        (default: one text per row, its real tokens at positions 0, 1, ...) → final hidden states
+        float32[B, L, D].
         `cache_index` (int32 scalar): decode through the "cache" collection (module docstring)."""
         config = self.config
         length = token_ids.shape[1]
-        if positions is None:
-            positions = jnp.arange(length)[None]
+        if positions is None:   # a real token's index among its row's real tokens; padding: its
+            positions = jnp.where(mask, jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1,   # index
+                                  jnp.arange(length, dtype=jnp.int32)[None])
         x = embed(config, "token_embedding", config.vocab_size)(token_ids)
         if config.embedding_scale:
             x = x * jnp.asarray(math.sqrt(config.hidden_size), config.compute_dtype)
@@ -103,16 +106,17 @@ class Encoder(nn.Module):
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
     """hidden: float32[B, L, D]; mask: bool[B, L] → float32[B, D].
 
-    'mean': average over real tokens (zeros for a fully padded row); 'first': position 0;
-    'last': the last real token, position sum(mask) - 1 (position 0 for a fully padded row).
+    'mean': average over real tokens (zeros for a fully padded row); 'first' / 'last': the first /
+    last real token, on either side of any padding (position 0 for a fully padded row).
     """
     hidden = hidden.astype(jnp.float32)
     if pooling == "mean":
         weights = mask.astype(jnp.float32)[..., None]
         return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     if pooling == "first":
-        return hidden[:, 0]
-    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+        return jnp.take_along_axis(hidden, jnp.argmax(mask, axis=1)[:, None, None], axis=1)[:, 0]
+    length = mask.shape[1]
+    last = jnp.where(jnp.any(mask, axis=1), length - 1 - jnp.argmax(mask[:, ::-1], axis=1), 0)
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
