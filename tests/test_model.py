@@ -382,8 +382,8 @@ def test_dropout_only_when_not_deterministic():
     apply = jax.jit(lambda rng, deterministic: model.apply(
         {"params": params["encoder"]}, token_ids, mask, deterministic=deterministic,
         rngs={"dropout": rng}), static_argnums=1)
-    np.testing.assert_array_equal(apply(jax.random.key(0), True),
-                                  encoder_fn(BIDIRECTIONAL)(params, token_ids, mask))
+    np.testing.assert_allclose(apply(jax.random.key(0), True),   # two compilations: rounding
+                               encoder_fn(BIDIRECTIONAL)(params, token_ids, mask), atol=1e-5)
     first, second = apply(jax.random.key(0), False), apply(jax.random.key(1), False)
     assert float(jnp.max(jnp.abs(first - second))) > 1e-2
 
