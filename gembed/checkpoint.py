@@ -14,10 +14,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gembed.errors import GembedUserError
 
 ITEMS = ("params", "opt_state", "loop")
+SKIPPED_DIR = "skipped_checkpoints"   # damaged checkpoints a resume moved out of checkpoints/
 
 
 class _QuietReadOnly(logging.Filter):
@@ -75,6 +77,24 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict[str,
     restored = manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.StandardRestore(abstract_state[name]) for name in ITEMS}))
     return {name: restored[name] for name in ITEMS}
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Moves the (damaged) step folder out of checkpoints/ to DIR/skipped_checkpoints/STEP[.N] on
+    process 0, so it is kept for inspection and the step can be saved again; returns the new path."""
+    source = pathlib.Path(str(manager.directory)) / str(step)
+    target = source.parent.parent / SKIPPED_DIR / str(step)
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{step}.{suffix}")
+    if jax.process_index() == 0:
+        target.parent.mkdir(exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"gembed: set aside checkpoint {step}")
+    manager.reload()
+    return target
 
 
 @dataclasses.dataclass(frozen=True)
