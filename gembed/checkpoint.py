@@ -143,8 +143,9 @@ def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
             params=ocp.args.StandardRestore(abstract_params)))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise GembedUserError(
-            f"{ref.step_dir}: its params do not fit this model ({str(e).splitlines()[0]}); "
-            f"use the model gin file of the run that wrote it.") from None
+            f"{ref.step_dir}: its params do not restore ({str(e).splitlines()[0]}): the "
+            f"checkpoint is damaged, or {ref.workdir}/model_config.json is not the run's that wrote "
+            f"it; name another step, or fix that file.") from None
     return restored["params"]
 
 

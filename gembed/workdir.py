@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from gembed import checkpoint
+from gembed import checkpoint, model_folder
 from gembed.data.tokenizer_files import TOKENIZER_FILES, open_tokenizer
 from gembed.errors import GembedUserError
 from gembed.model import ModelConfig, init_params
@@ -100,8 +100,10 @@ def restore_params(ref: checkpoint.CheckpointRef, model_config: ModelConfig | No
     """The params of a resolved CKPT on the default device (its workdir's model unless given)."""
     model_config = model_config or read_model_config(ref.workdir)
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return checkpoint.restore_params(
+    params = checkpoint.restore_params(
         ref, checkpoint.abstract_like(abstract_params(model_config), placement))
+    model_folder.check_finite(params, ref.step_dir)
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,9 @@ def read_checkpoint_model(path: str | os.PathLike, max_length: int | None = None
     workdir."""
     ref = checkpoint.resolve(path)
     model_config = read_model_config(ref.workdir)
+    tokenizer = open_tokenizer(ref.workdir)
+    model_folder.check_vocabulary(tokenizer, model_config, ref.workdir)
     return CheckpointModel(
         ref=ref, model_config=model_config, params=restore_params(ref, model_config),
-        tokenizer=open_tokenizer(ref.workdir), task_prompts=read_task_prompts(ref.workdir),
+        tokenizer=tokenizer, task_prompts=read_task_prompts(ref.workdir),
         max_length=max_length or recorded_max_length(ref.workdir))
