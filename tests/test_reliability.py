@@ -280,3 +280,23 @@ def test_encode_rows_are_file_lines_and_flags_are_checked_first(good_folder, tmp
                 f"--output={tmp_path / 'y.npy'}", flag]
         assert expected in error_line(capsys, argv)
     assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.parametrize("binding, expected", [
+    ("BATCH_SIZE='16'", "BATCH_SIZE='16' must be an integer"),
+    ("BATCH_SIZE=16.5", "BATCH_SIZE=16.5 must be an integer"),
+    ("ModelConfig.output_sizes = [32,", "--gin_param="),
+])
+def test_mistyped_bindings_are_one_error_line(corpus, tmp_path, capsys, binding, expected):
+    assert expected in error_line(capsys, train_args(corpus, tmp_path / "run", binding))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_eval_of_degenerate_inputs_is_one_error_line(good_folder, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "one.jsonl").write_text('{"query": "a b", "positive": "c d"}\n')
+    for tasks, flag in ((f"pairs:{tmp_path / 'empty.jsonl'}", None),
+                        (f"pairs:{tmp_path / 'one.jsonl'}", None), (f"pairs:{tmp_path}", None),
+                        ("stdlib_code", "--dim=999")):
+        argv = ["eval", f"--model={good_folder}", f"--tasks={tasks}"] + ([flag] if flag else [])
+        error_line(capsys, argv)
