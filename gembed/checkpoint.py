@@ -41,6 +41,24 @@ def _quiet_read_only():
         logging.getLogger("absl").removeFilter(quiet)
 
 
+class _QuietInterrupt(logging.Filter):
+    """Drops orbax's error reports of a KeyboardInterrupt (Ctrl-C during a save): the CLI says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def quiet_interrupts():
+    """While the block runs, a Ctrl-C inside orbax is not logged with its traceback."""
+    quiet = _QuietInterrupt()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).resolve() / "checkpoints"
 

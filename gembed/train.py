@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 import re
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -304,11 +306,31 @@ def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
     try:
-        return _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
-                     tokenizer.pad_id, skipped, show_progress)
-    finally:
-        manager.wait_until_finished()
+        with checkpoint.quiet_interrupts():
+            last = _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
+                         tokenizer.pad_id, skipped, show_progress)
+    except KeyboardInterrupt:
+        try:   # the save in flight (if any) finishes and is kept: seconds
+            with checkpoint.quiet_interrupts():
+                manager.wait_until_finished()
+                manager.close()
+        except BaseException:   # a second Ctrl-C, or the first one broke the save: abandon it
+            _silence_background_threads()
+        raise
+    except BaseException:
+        manager.wait_until_finished()   # the checkpoints saved before the error are kept
         manager.close()
+        raise
+    manager.wait_until_finished()
+    manager.close()
+    return last
+
+
+def _silence_background_threads() -> None:
+    """Keeps orbax's abandoned save threads from printing tracebacks while the process exits
+    (a save is renamed into place only when complete, so abandoning one loses nothing kept)."""
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
 
 
 def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: TrainBatches, mesh,

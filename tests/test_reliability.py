@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -300,3 +301,22 @@ def test_eval_of_degenerate_inputs_is_one_error_line(good_folder, tmp_path, caps
                         ("stdlib_code", "--dim=999")):
         argv = ["eval", f"--model={good_folder}", f"--tasks={tasks}"] + ([flag] if flag else [])
         error_line(capsys, argv)
+
+
+@pytest.mark.slow   # a separate process: ~15 s of CPU, longer on a shared machine
+def test_ctrl_c_during_saves_prints_one_line_and_keeps_whole_checkpoints(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gembed", *train_args(corpus, workdir, "TRAIN_STEPS=400",
+                                                     "CHECKPOINT_EVERY=1", "LOG_EVERY=1")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+            (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 6):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)   # every step saves: the Ctrl-C lands amid saves
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["gembed: interrupted; checkpoints written so far are kept."]
+    steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and all(all_finite(raw_params(p)) for p in steps)
