@@ -213,13 +213,13 @@ def read_model_folder(path: str | os.PathLike) -> ModelFolder:
         raise GembedUserError(
             f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
             f"{MAKE_ONE} again.") from None
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    check_params(model_config, params, weights_path)
     expected_hash = config.get("weights_sha256")
     if expected_hash is not None and file_sha256(weights_path) != expected_hash:
         raise GembedUserError(
             f"{weights_path}: content does not match the weights_sha256 recorded in {CONFIG_FILE} "
             f"(the file is damaged or was replaced); copy the folder again or {MAKE_ONE} again.")
-    params = traverse_util.unflatten_dict(flat, sep="/")
-    check_params(model_config, params, weights_path)
     check_finite(params, weights_path)
     task_prompts = config.get("task_prompts") or {}
     if not isinstance(task_prompts, dict) or not all(
