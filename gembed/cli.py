@@ -147,6 +147,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.dtype != "float32":
             raise GembedUserError(f"--dtype={args.dtype} applies to --format=gembed only; "
                                   f"sentence-transformers folders are float32.")
+        if args.overwrite:
+            raise GembedUserError("--overwrite applies to --format=gembed only; remove the "
+                                  "sentence-transformers output folder first.")
         path = export_sentence_transformers(args.checkpoint, args.output,
                                             max_length=args.max_length,
                                             eval_results=args.eval_results)
