@@ -14,10 +14,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gembed.errors import GembedUserError
 
 ITEMS = ("params", "opt_state", "loop")
+SKIPPED_DIR = "skipped_checkpoints"   # damaged checkpoints a resume moved out of checkpoints/
 
 
 class _QuietReadOnly(logging.Filter):
@@ -32,6 +34,24 @@ class _QuietReadOnly(logging.Filter):
 @contextlib.contextmanager
 def _quiet_read_only():
     quiet = _QuietReadOnly()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+class _QuietInterrupt(logging.Filter):
+    """Drops orbax's error reports of a KeyboardInterrupt (Ctrl-C during a save): the CLI says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def quiet_interrupts():
+    """While the block runs, a Ctrl-C inside orbax is not logged with its traceback."""
+    quiet = _QuietInterrupt()
     logging.getLogger("absl").addFilter(quiet)
     try:
         yield
@@ -75,6 +95,24 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict[str,
     restored = manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.StandardRestore(abstract_state[name]) for name in ITEMS}))
     return {name: restored[name] for name in ITEMS}
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Moves the (damaged) step folder out of checkpoints/ to DIR/skipped_checkpoints/STEP[.N] on
+    process 0, so it is kept for inspection and the step can be saved again; returns the new path."""
+    source = pathlib.Path(str(manager.directory)) / str(step)
+    target = source.parent.parent / SKIPPED_DIR / str(step)
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{step}.{suffix}")
+    if jax.process_index() == 0:
+        target.parent.mkdir(exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"gembed: set aside checkpoint {step}")
+    manager.reload()
+    return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +161,9 @@ def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
             params=ocp.args.StandardRestore(abstract_params)))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise GembedUserError(
-            f"{ref.step_dir}: its params do not fit this model ({str(e).splitlines()[0]}); "
-            f"use the model gin file of the run that wrote it.") from None
+            f"{ref.step_dir}: its params do not restore ({str(e).splitlines()[0]}): the "
+            f"checkpoint is damaged, or {ref.workdir}/model_config.json is not the run's that wrote "
+            f"it; name another step, or fix that file.") from None
     return restored["params"]
 
 

@@ -6,6 +6,7 @@ Exit status: 0 success; 2 a user error, reported as one `gembed: error: ...` lin
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pathlib
 import sys
@@ -132,8 +133,8 @@ def cmd_soup(args: argparse.Namespace) -> None:
     from gembed.soup import make_soup
 
     record = make_soup(args.checkpoints, args.output, method=args.method, eval_task=args.eval_task,
-                       max_length=args.max_length,
-                       data_dir=args.data_dir, batch_size=args.batch_size)
+                       max_length=args.max_length, data_dir=args.data_dir,
+                       batch_size=args.batch_size, overwrite=args.overwrite)
     score = f"; {args.eval_task} {record['score']:.2f}" if record["score"] is not None else ""
     print(f"gembed: wrote {args.method} soup of {len(record['kept'])}/{len(record['ingredients'])} "
           f"checkpoints to {args.output}{score}")
@@ -146,6 +147,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.dtype != "float32":
             raise GembedUserError(f"--dtype={args.dtype} applies to --format=gembed only; "
                                   f"sentence-transformers folders are float32.")
+        if args.overwrite:
+            raise GembedUserError("--overwrite applies to --format=gembed only; remove the "
+                                  "sentence-transformers output folder first.")
         path = export_sentence_transformers(args.checkpoint, args.output,
                                             max_length=args.max_length,
                                             eval_results=args.eval_results)
@@ -154,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from gembed.export import export
 
     path = export(args.checkpoint, args.output, max_length=args.max_length,
-                  weights_dtype=args.dtype)
+                  weights_dtype=args.dtype, overwrite=args.overwrite)
     print(f"gembed: wrote model folder {path}")
 
 
@@ -163,6 +167,9 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
     from gembed.text_input import read_texts
 
+    if args.batch_size < 1:
+        raise GembedUserError(f"--batch_size={args.batch_size}: give a positive number of texts.")
+    output = _encode_output(args.output)
     texts = read_texts(args.input)
     from gembed import load
 
@@ -170,10 +177,31 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if args.dim is not None and not 0 < args.dim <= model.embedding_size:
         raise GembedUserError(f"--dim={args.dim}: {args.model} embeds into "
                               f"{model.embedding_size} dims; pick 1..{model.embedding_size}.")
+    if args.task is not None and args.task not in model.task_prompts:
+        known = ", ".join(sorted(model.task_prompts)) or "none"
+        raise GembedUserError(f"--task={args.task}: {args.model} has no prompt for it (its "
+                              f"tasks: {known}); pick one of those or drop --task.")
     embeddings = model.encode(texts, task=args.task, dim=args.dim, batch_size=args.batch_size,
                               show_progress=sys.stderr.isatty())
-    np.save(args.output, embeddings.astype(np.float32))
-    print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {args.output}")
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as file:
+        np.save(file, embeddings.astype(np.float32))
+    os.replace(tmp, output)
+    print(f"gembed: wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output}")
+
+
+def _encode_output(output: str) -> pathlib.Path:
+    """The .npy path `--output` names (`.npy` appended unless given), checked writable before any
+    encoding."""
+    path = pathlib.Path(output if output.endswith(".npy") else output + ".npy")
+    if path.is_dir():
+        raise GembedUserError(f"{path}: --output is a folder; name a .npy file.")
+    if not path.parent.is_dir():
+        raise GembedUserError(f"{path.parent}: --output's folder does not exist; create it first.")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise GembedUserError(f"{path}: --output is not writable (permission denied); pick "
+                              f"another path.")
+    return path
 
 
 def cmd_curate(args: argparse.Namespace) -> None:
@@ -326,6 +354,8 @@ def _add_soup(commands) -> None:
     soup.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
     soup.add_argument("--max_length", type=int,
                       help="tokens per text for --eval_task (default: the MAX_LENGTH trained with)")
+    soup.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --output (written aside, then swapped in)")
     soup.set_defaults(run=cmd_soup)
 
 
@@ -345,6 +375,8 @@ def _add_export(commands) -> None:
                         help="tokens per text (default: the MAX_LENGTH the run trained with)")
     export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights dtype in model.safetensors (read back as float32)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output (written aside, then swapped in)")
     export.set_defaults(run=cmd_export)
 
 
@@ -353,7 +385,8 @@ def _add_encode(commands) -> None:
     encode.add_argument("--model", required=True, help="a model folder")
     encode.add_argument("--input", required=True,
                         help="one text per line, or a .jsonl file of objects with a \"text\" field")
-    encode.add_argument("--output", required=True, help="the .npy to write: float32 [N, dim]")
+    encode.add_argument("--output", required=True,
+                        help="the .npy to write: float32 [N, dim] (.npy appended if missing)")
     encode.add_argument("--task", help="prepend this task's prompt (query side)")
     encode.add_argument("--dim", type=int, help="keep the first DIM coordinates (Matryoshka)")
     encode.add_argument("--batch_size", type=int, default=64, help="texts per encoder call")
@@ -459,4 +492,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gembed: interrupted; checkpoints written so far are kept.", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in INFRASTRUCTURE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gembed: error: {where}{e.strerror or e}; {INFRASTRUCTURE_ERRNOS[e.errno]}",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+# Faults of the machine, not of gembed: one `gembed: error:` line (naming the path), no traceback.
+INFRASTRUCTURE_ERRNOS = {
+    errno.ENOSPC: "free disk space (or write elsewhere) and rerun; a training run resumes.",
+    errno.EDQUOT: "free space within your quota and rerun.",
+    errno.EACCES: "fix the permissions of that path or pick another.",
+    errno.EPERM: "fix the permissions of that path or pick another.",
+    errno.EROFS: "the file system is read-only; write elsewhere.",
+    errno.EIO: "the storage reported an I/O error; check the disk and rerun.",
+}

@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import re
+import tokenize
 from typing import Sequence
 
 import gin
@@ -89,6 +90,16 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
+        for name, macro in (("batch_size", "BATCH_SIZE"), ("train_steps", "TRAIN_STEPS"),
+                            ("max_length", "MAX_LENGTH"), ("checkpoint_every", "CHECKPOINT_EVERY"),
+                            ("log_every", "LOG_EVERY"), ("warmup_steps", "TrainConfig.warmup_steps"),
+                            ("seed", "SEED"), ("learning_rate", "LEARNING_RATE")):
+            value = getattr(self, name)
+            wanted = (int, float) if name == "learning_rate" else int
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise GembedUserError(
+                    f"{macro}={value!r} must be {'a number' if name == 'learning_rate' else 'an integer'}"
+                    f"; fix the binding in your gin file or --gin_param.")
         checks = [
             (bool(self.train_data) or bool(self.datasets),
              "TRAIN_DATA is empty; set --gin_param='TRAIN_DATA=\"pairs.jsonl\"'"),
@@ -206,7 +217,7 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
         try:
             with _quiet_include_search():
                 gin.parse_config_file(path)
-        except (ValueError, SyntaxError, IOError) as e:
+        except (ValueError, SyntaxError, IOError, tokenize.TokenError) as e:
             first_line = str(e).splitlines()[0]
             raise GembedUserError(f"{path}: {first_line}; fix or remove that binding.") from None
     for binding in gin_params:
@@ -220,7 +231,7 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
                 f"gin files define (every stage file defines {', '.join(CONTRACT_MACROS)}).")
         try:
             gin.parse_config(binding)
-        except (ValueError, SyntaxError) as e:
+        except (ValueError, SyntaxError, tokenize.TokenError) as e:
             first_line = str(e).splitlines()[0]
             raise GembedUserError(f"--gin_param={binding!r}: {first_line}; fix the binding.") from None
     try:

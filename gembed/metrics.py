@@ -2,19 +2,23 @@
 the throughput of the steps between two log lines.
 
 Only process 0 writes. On resume, lines logged after the restored checkpoint (by a run that was
-killed later) are dropped first, so the file reads as if the run had never been interrupted.
+killed later) are dropped first, and so is a torn last line, so the file reads as if the run had
+never been interrupted.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import sys
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 
 from gembed import workdir as workdir_files
+from gembed.errors import GembedUserError
 
 
 class ThroughputMeter:
@@ -61,13 +65,25 @@ class MetricsWriter:
             return
         self._drop_lines_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)   # a NaN stops the run
         self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / workdir_files.TENSORBOARD_DIR))
 
     def _drop_lines_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.endswith("\n") and json.loads(line)["step"] <= step]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                logged = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if number == len(lines):   # torn by a kill mid-write: dropped
+                    print(f"gembed: dropped the torn last line of {self.path}", file=sys.stderr)
+                    continue
+                raise GembedUserError(f"{self.path}:{number}: not a metrics line; delete that "
+                                      f"line (or the file) and rerun.") from None
+            if line.endswith("\n") and logged <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -8,12 +8,15 @@
     tokenizer files      tokenizer.model (SentencePiece) or tokenizer.json + tokenizer_config.json
 
 No pickle: weights go through safetensors (read with its flax backend, which knows bfloat16),
-everything else is JSON. gembed_config.json is
-written last, so a folder is complete once it exists.
+everything else is JSON. gembed_config.json is written last, so a folder is complete once it
+exists; it records the SHA-256 of model.safetensors (`weights_sha256`), checked on every read (a
+folder without it, from an older gembed, is read unchecked). A folder whose params are not all
+finite, or whose tokenizer has more pieces than the embedding table has rows, is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -73,6 +76,7 @@ def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, param
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     check_params(model_config, params, path / WEIGHTS_FILE)
+    check_finite(params, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).unlink(missing_ok=True)
     flat = {name: np.asarray(value, np.float32)
             for name, value in traverse_util.flatten_dict(params, sep="/").items()}
@@ -88,6 +92,7 @@ def write_model_folder(path: str | os.PathLike, model_config: ModelConfig, param
         "output_sizes": list(model_config.output_sizes or (model_config.embedding_size,)),
         "max_length": max_length,
         "weights_dtype": weights_dtype,
+        "weights_sha256": file_sha256(path / WEIGHTS_FILE),
         "task_prompts": dict(task_prompts or {}),
         "tokenizer": {"kind": tokenizer.kind, "files": list(TOKENIZER_FILES[tokenizer.kind])},
         "source": dict(source or {}),
@@ -110,6 +115,29 @@ def check_params(model_config: ModelConfig, params: Any, where: pathlib.Path) ->
             raise GembedUserError(
                 f"{where}: param {name} has shape {actual.get(name)} but the model config wants "
                 f"{expected.get(name)} (None = absent); the folder is corrupt, {MAKE_ONE} again.")
+
+
+def check_finite(params: Any, where: os.PathLike) -> None:
+    """Raises a GembedUserError when a param holds NaN or infinite values (a diverged run)."""
+    for name, value in traverse_util.flatten_dict(params, sep="/").items():
+        if not np.all(np.isfinite(np.asarray(value, np.float32))):
+            raise GembedUserError(
+                f"{where}: param {name} holds NaN or infinite values (the run diverged); use an "
+                f"earlier checkpoint, or retrain with a lower LEARNING_RATE.")
+
+
+def check_vocabulary(tokenizer, model_config: ModelConfig, where: os.PathLike) -> None:
+    """Raises a GembedUserError when the tokenizer has more pieces than the embedding table rows."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise GembedUserError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} pieces but the model's embedding "
+            f"table has {model_config.vocab_size} rows; the tokenizer belongs to another model, "
+            f"put the model's own tokenizer back.")
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
@@ -187,7 +215,20 @@ def read_model_folder(path: str | os.PathLike) -> ModelFolder:
             f"{MAKE_ONE} again.") from None
     params = traverse_util.unflatten_dict(flat, sep="/")
     check_params(model_config, params, weights_path)
+    expected_hash = config.get("weights_sha256")
+    if expected_hash is not None and file_sha256(weights_path) != expected_hash:
+        raise GembedUserError(
+            f"{weights_path}: content does not match the weights_sha256 recorded in {CONFIG_FILE} "
+            f"(the file is damaged or was replaced); copy the folder again or {MAKE_ONE} again.")
+    check_finite(params, weights_path)
+    task_prompts = config.get("task_prompts") or {}
+    if not isinstance(task_prompts, dict) or not all(
+            isinstance(v, str) for v in task_prompts.values()):
+        raise GembedUserError(f"{config_path}: task_prompts must be a JSON object of strings "
+                              f"(task: prompt); fix it or {MAKE_ONE} again.")
+    tokenizer = open_tokenizer(path, tokenizer_kind)
+    check_vocabulary(tokenizer, model_config, path)
     return ModelFolder(path=path, model_config=model_config, params=params,
-                       tokenizer=open_tokenizer(path, tokenizer_kind), max_length=max_length,
-                       task_prompts=dict(config.get("task_prompts") or {}),
+                       tokenizer=tokenizer, max_length=max_length,
+                       task_prompts=dict(task_prompts),
                        source=dict(config.get("source") or {}))

@@ -16,6 +16,7 @@ the soup and each next one is kept when the soup with it scores at least as well
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gembed import checkpoint, workdir
+from gembed import checkpoint, output_folder, workdir
 from gembed.data.tokenizer_files import TOKENIZER_FILES
 from gembed.embedder import Embedder
 from gembed.errors import GembedUserError
@@ -169,20 +170,18 @@ def greedy_soup(ingredients: Ingredients, scorer: Scorer, log=None):
 
 def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLike,
               method: str = "uniform", eval_task: str | None = None, data_dir=None,
-              batch_size: int = 64, max_length: int | None = None) -> dict:
-    """Writes the soup of `checkpoints` to `output` (layout in the module docstring); returns the
-    soup.json record. `eval_task` encodes at `max_length` tokens (None: the first ingredient's
-    training MAX_LENGTH)."""
-    output = pathlib.Path(output).resolve()
+              batch_size: int = 64, max_length: int | None = None, overwrite: bool = False) -> dict:
+    """Writes the soup of `checkpoints` to `output` (layout in the module docstring), whole or not
+    at all (`gembed.output_folder`; a non-empty output needs `overwrite`); returns the soup.json
+    record. `eval_task` encodes at `max_length` tokens (None: the first ingredient's training
+    MAX_LENGTH)."""
     if method not in METHODS:
         raise GembedUserError(f"--method={method}: pick one of {', '.join(METHODS)}.")
     if method == "greedy" and not eval_task:
         raise GembedUserError("--method=greedy needs --eval_task=NAME (e.g. stdlib_code), the "
                               "held-out task that decides which ingredients stay.")
-    if checkpoint.checkpoint_dir(output).exists():
-        raise GembedUserError(f"{output}: already holds checkpoints; choose a new --output or "
-                              f"delete that folder.")
     ingredients = Ingredients(checkpoints)
+    output = output_folder.check_output(output, overwrite, [ref.workdir for ref in ingredients.refs])
     scorer = (Scorer(ingredients.refs[0], eval_task, data_dir, batch_size, max_length)
               if eval_task else None)
     if method == "greedy":
@@ -190,12 +189,6 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
     else:
         mean, scores, kept = uniform_soup(ingredients, scorer)
     soup_score = scorer(mean) if scorer is not None else None
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_params(output, SOUP_STEP, traverse_util.unflatten_dict(mean, sep="/"))
-    source = ingredients.refs[0].workdir
-    for name in workdir.INFERENCE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, output / name)
     record = {
         "method": method,
         "eval_task": eval_task,
@@ -205,7 +198,15 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
         "kept": [str(ingredients.refs[i].step_dir) for i in kept],
         "score": soup_score,
     }
-    tmp = output / f"{SOUP_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, output / SOUP_FILE)
+    output_folder.write_folder(output, functools.partial(
+        _write_soup, params=traverse_util.unflatten_dict(mean, sep="/"),
+        source=ingredients.refs[0].workdir, record=record))
     return record
+
+
+def _write_soup(folder: pathlib.Path, params, source: pathlib.Path, record: dict) -> None:
+    checkpoint.save_params(folder, SOUP_STEP, params)
+    for name in workdir.INFERENCE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    (folder / SOUP_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """The input of `gembed encode`: one text per line, or (a `.jsonl` file) JSON objects with `text`.
 
-Row i of the output is line i of the file; an empty text, invalid UTF-8 or a malformed JSON line
-stops with the file and line named.
+Row i of the output is line i of the file, lines as Python's universal-newline file iteration
+splits them (`\n`, `\r\n`, `\r`; U+0085, U+2028 and form feed stay inside a text); a UTF-8 BOM is
+dropped. An empty text, invalid UTF-8 or a malformed JSON line stops with the file and line named.
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     """The texts of FILE, in order."""
     path = pathlib.Path(path)
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        with open(path, encoding="utf-8-sig", newline=None) as file:
+            lines = [line.removesuffix("\n") for line in file]
+    except IsADirectoryError:
+        raise GembedUserError(f"{path}: is a folder; --input names a file.") from None
     except FileNotFoundError:
         raise GembedUserError(f"{path}: no such file; check --input.") from None
     except UnicodeDecodeError as e:

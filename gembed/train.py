@@ -4,15 +4,21 @@ Restore order: the workdir's own latest checkpoint (resume), else INIT_FROM (par
 fresh init from SEED. A LoRA run (`gembed.lora`, LoraConfig.rank > 0) trains and checkpoints only its
 trainable tree; its frozen base is read from INIT_FROM at every start, resumes included. Per-step randomness is `fold_in(rng, step)`, and the data order is a function
 of the step, so a resumed run repeats an uninterrupted one exactly.
+
+Faults never reach disk: each step reports a `finite` flag (loss, gradient norm and new params),
+read whenever metrics are fetched and always before a checkpoint is written, and a divergence stops
+the run (exit 2) with the last finite checkpoint kept; a resume skips damaged or non-finite
+checkpoints for the newest good one; one run at a time holds the workdir (`workdir_lock`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import logging
 import pathlib
 import re
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +30,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import checkpoint, flops, gradcache, lora, model_folder, sharding, workdir as workdir_files
+from gembed import (checkpoint, flops, gradcache, lora, model_folder, sharding,
+                    workdir as workdir_files, workdir_lock)
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
@@ -37,6 +44,7 @@ from gembed.model import ModelConfig, init_params
 from gembed.objective import batch_loss
 
 TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
+FINITE = "finite"   # the step metric: bool[], loss, gradient norm and the new params all finite
 
 
 @flax.struct.dataclass
@@ -109,8 +117,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: 
     (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step),
+               FINITE: jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+               & jnp.isfinite(optax.tree.norm(params))}
     return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -191,15 +202,16 @@ def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom 
     make = functools.partial(init_state, stage.model, optimizer, stage.train.seed, stage.lora)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(make), shardings)
+    resuming = bool(manager.all_steps())
     base = None
-    if init_from is not None and (stage.lora.enabled or manager.latest_step() is None):
+    if init_from is not None and (stage.lora.enabled or not resuming):
         base = init_from.restore_params(abstract_base(stage, mesh))
-    latest = manager.latest_step()
-    if latest is not None:
-        frozen = None if base is None else jax.jit(
-            functools.partial(lora.frozen_of, config=stage.lora),
-            out_shardings=shardings.frozen)(base)
-        return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()), frozen)
+    frozen = None if not (resuming and base is not None and stage.lora.enabled) else jax.jit(
+        functools.partial(lora.frozen_of, config=stage.lora),
+        out_shardings=shardings.frozen)(base)
+    restored = restore_newest(manager, abstract, frozen)
+    if restored is not None:
+        return restored
     state = jax.jit(make, out_shardings=shardings)()
     if base is not None:
         params, frozen = base, None
@@ -222,6 +234,49 @@ def model_params(state: TrainState, lora_config: lora.LoraConfig) -> Any:
 @functools.lru_cache(maxsize=4)
 def _merge_jit(lora_config: lora.LoraConfig):
     return jax.jit(functools.partial(lora.merge, rng=None, config=lora_config))
+
+
+def restore_newest(manager, abstract: TrainState, frozen: Any = None) -> TrainState | None:
+    """The newest checkpoint of the workdir that restores with finite values; None when it has none.
+
+    Newer ones that fail are reported in one line each and moved aside (`checkpoint.set_aside`),
+    so the resumed run writes those steps anew. When none restores, nothing is moved (a changed
+    model config fails every step alike) and the newest one's reason is the error.
+    """
+    failed = []   # (step, reason), newest first
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = TrainState.from_items(checkpoint.restore(manager, step, abstract.items()), frozen)
+            reason = None if all_finite(state) else "it holds NaN or infinite values"
+        except Exception as e:   # orbax and tensorstore raise many types for damaged files
+            reason = f"it does not restore: {type(e).__name__}: {_first_line(e)}"
+        if reason is None:
+            for bad, why in failed:
+                moved = checkpoint.set_aside(manager, bad)
+                if jax.process_index() == 0:
+                    print(f"gembed: skipped checkpoint {manager.directory / str(bad)} "
+                          f"({why}); moved it to {moved}; resuming from step {step}.",
+                          file=sys.stderr)
+            return state
+        failed.append((step, reason))
+    if failed:
+        step, reason = failed[0]
+        raise GembedUserError(
+            f"{manager.directory / str(step)}: cannot resume, no checkpoint of the workdir restores "
+            f"(newest: {reason}); use the model gin file of the run, or another --workdir.")
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of `tree` (arrays, possibly sharded) is finite."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in xs] or [jnp.bool_(True)])))(leaves))
 
 
 def load_training_data(config: TrainConfig) -> tuple[list[TrainingDataset], SkippedLines | None]:
@@ -299,6 +354,11 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     """Runs (or resumes) one training stage in `workdir`; returns the last logged metrics."""
     workdir = pathlib.Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold(workdir, take=jax.process_index() == 0):
+        return _train_locked(workdir, stage, show_progress)
+
+
+def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool | None) -> dict:
     config = stage.train
 
     mesh = sharding.make_mesh(stage.sharding.model_parallelism)
@@ -335,11 +395,31 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
     try:
-        return _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
-                     tokenizer.pad_id, skipped, show_progress)
-    finally:
-        manager.wait_until_finished()
+        with checkpoint.quiet_interrupts():
+            last = _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
+                         tokenizer.pad_id, skipped, show_progress)
+    except KeyboardInterrupt:
+        try:   # the save in flight (if any) finishes and is kept: seconds
+            with checkpoint.quiet_interrupts():
+                manager.wait_until_finished()
+                manager.close()
+        except BaseException:   # a second Ctrl-C, or the first one broke the save: abandon it
+            _silence_background_threads()
+        raise
+    except BaseException:
+        manager.wait_until_finished()   # the checkpoints saved before the error are kept
         manager.close()
+        raise
+    manager.wait_until_finished()
+    manager.close()
+    return last
+
+
+def _silence_background_threads() -> None:
+    """Keeps orbax's abandoned save threads from printing tracebacks while the process exits
+    (a save is renamed into place only when complete, so abandoning one loses nothing kept)."""
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
 
 
 def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: TrainBatches, mesh,
@@ -358,6 +438,7 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
                              None if show_progress is None else not show_progress),
                          dynamic_ncols=True)
     last: dict = {}
+    pending = []   # (step, finite flag, loss) on device of the steps not checked yet
     try:
         host_batches = batches.iterate(start_step)
         for step in range(start_step, config.train_steps):
@@ -367,10 +448,12 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
             shapes.add(tuple(value.shape for value in host_batch.values()))
             meter.add_step(flops.train_flops(stage.model, flops.text_lengths(host_batch)))
             done = step + 1
+            pending.append((done, metrics.pop(FINITE), metrics["loss"]))
             eval_values = evaluator.maybe_run(   # {} unless evaluation is due
                 done, model_params(state, stage.lora) if evaluator.due(done) else None)
             meter.exclude(evaluator.last_seconds)   # evaluation time is not training throughput
             if eval_values or done % config.log_every == 0 or done == config.train_steps:
+                check_finite(pending, manager)
                 values = {name: float(value) for name, value in jax.device_get(metrics).items()}
                 values.update(eval_values, **meter.flush(), **window.flush(),
                               compiled_shapes=len(shapes))
@@ -381,11 +464,30 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
                                      temperature=f"{values['temperature']:.4f}")
                 last = {"step": done, **values}
             if done % config.checkpoint_every == 0 or done == config.train_steps:
+                check_finite(pending, manager)
                 checkpoint.save(manager, done, state.items())
             progress.update(1)
     finally:
         writer.close()
         progress.close()
-    if not math.isfinite(last.get("loss", 0.0)):
-        raise FloatingPointError(f"training diverged: loss {last['loss']} at step {last['step']}")
     return last
+
+
+def check_finite(pending: list, manager) -> None:
+    """Reads the finite flags of the `pending` steps (then empties it); a divergence stops the run
+    with a GembedUserError naming the first non-finite step and the last checkpoint written."""
+    flags = jax.device_get([(flag, loss) for _, flag, loss in pending])
+    steps = [step for step, _, _ in pending]
+    pending.clear()
+    for step, (finite, loss) in zip(steps, flags):
+        if not finite:
+            manager.wait_until_finished()
+            latest = manager.latest_step()
+            kept = (f"the last good checkpoint, {manager.directory / str(latest)}, is kept and a "
+                    f"rerun resumes from it" if latest is not None else
+                    "no checkpoint was written before it, so a rerun starts afresh")
+            raise GembedUserError(
+                f"training diverged at step {step} (loss {float(loss)}; a NaN or infinite loss, "
+                f"gradient or param) and was stopped without saving it; {kept}; lower "
+                f"LEARNING_RATE, lengthen TrainConfig.warmup_steps or set "
+                f"TrainConfig.grad_clip_norm, then rerun.")

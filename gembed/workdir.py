@@ -143,14 +143,17 @@ def restore_params(ref: checkpoint.CheckpointRef, model_config: ModelConfig | No
     record = read_lora(ref.workdir)
     abstract = abstract_params(model_config)
     if record is None:
-        return checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
-    abstract_trainable = jax.eval_shape(functools.partial(lora.split, config=record.config),
-                                        abstract, jax.random.PRNGKey(0))[0]
-    trainable = checkpoint.restore_params(
-        ref, checkpoint.abstract_like(abstract_trainable, placement))
-    base = jax.device_put(_base_params(record.base, model_config), placement)
-    return jax.jit(functools.partial(lora.merge, rng=None, config=record.config))(
-        trainable, lora.frozen_of(base, config=record.config))
+        params = checkpoint.restore_params(ref, checkpoint.abstract_like(abstract, placement))
+    else:
+        abstract_trainable = jax.eval_shape(functools.partial(lora.split, config=record.config),
+                                            abstract, jax.random.PRNGKey(0))[0]
+        trainable = checkpoint.restore_params(
+            ref, checkpoint.abstract_like(abstract_trainable, placement))
+        base = jax.device_put(_base_params(record.base, model_config), placement)
+        params = jax.jit(functools.partial(lora.merge, rng=None, config=record.config))(
+            trainable, lora.frozen_of(base, config=record.config))
+    model_folder.check_finite(params, ref.step_dir)
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,9 @@ def read_checkpoint_model(path: str | os.PathLike, max_length: int | None = None
     workdir."""
     ref = checkpoint.resolve(path)
     model_config = read_model_config(ref.workdir)
+    tokenizer = open_tokenizer(ref.workdir)
+    model_folder.check_vocabulary(tokenizer, model_config, ref.workdir)
     return CheckpointModel(
         ref=ref, model_config=model_config, params=restore_params(ref, model_config),
-        tokenizer=open_tokenizer(ref.workdir), task_prompts=read_task_prompts(ref.workdir),
+        tokenizer=tokenizer, task_prompts=read_task_prompts(ref.workdir),
         max_length=max_length or recorded_max_length(ref.workdir))
