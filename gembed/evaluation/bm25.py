@@ -19,7 +19,9 @@ a gold document's rank counts every document scoring at least as high (pessimist
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
 from typing import Sequence
 
@@ -82,7 +84,8 @@ class BM25:
     def scores(self, queries: Sequence[str], documents: Sequence[str]):
         """Yields float32[len(documents)]: the BM25 scores of each query against `documents`."""
         index = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
-        index.index([tokenize(text) for text in documents], show_progress=False)
+        with _quiet_bm25s():   # its index build logs at DEBUG, which a root handler may print
+            index.index([tokenize(text) for text in documents], show_progress=False)
         for query in queries:
             ids = index.get_tokens_ids(tokenize(query))
             yield (index.get_scores_from_ids(ids) if ids
@@ -110,3 +113,14 @@ def _top_k_row(scores: np.ndarray, k: int) -> np.ndarray:
     else:
         candidates = np.arange(len(scores))
     return candidates[np.argsort(-scores[candidates], kind="stable")][:k]
+
+
+@contextlib.contextmanager
+def _quiet_bm25s():
+    logger = logging.getLogger("bm25s")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
