@@ -116,11 +116,12 @@ def resolve(path: str | pathlib.Path, role: str = "CKPT") -> CheckpointRef:
 
 
 def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
-    """Only the params item of a checkpoint, placed like `abstract_params`."""
+    """Only the params item of a checkpoint, placed like `abstract_params`; params the checkpoint
+    holds beyond those (a training-only distillation map) are left out."""
     manager = open_manager(ref.workdir, read_only=True)
     try:
         restored = manager.restore(ref.step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+            params=ocp.args.StandardRestore(abstract_params, partial_restore=True)))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise GembedUserError(
             f"{ref.step_dir}: its params do not fit this model ({str(e).splitlines()[0]}); "

@@ -22,7 +22,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import checkpoint, flops, gradcache, model_folder, sharding, workdir as workdir_files
+from gembed import (checkpoint, flops, gradcache, layer_subset, model_folder, sharding,
+                    teacher_cache, workdir as workdir_files)
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
@@ -32,7 +33,7 @@ from gembed.errors import GembedUserError
 from gembed.evaluation.during_training import TrainingEvaluator
 from gembed.metrics import MetricsWriter, ThroughputMeter
 from gembed.model import ModelConfig, init_params
-from gembed.objective import batch_loss
+from gembed.objective import DISTILL_PROJECTION, batch_loss, init_distill_projection
 
 TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
 
@@ -105,16 +106,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: 
     return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def init_state(model_config: ModelConfig, optimizer, seed: int) -> TrainState:
+def init_state(model_config: ModelConfig, optimizer, seed: int,
+               projection_size: int | None = None) -> TrainState:
+    """A fresh state; with `projection_size` the params also hold DISTILL_PROJECTION f32[E, Dt]."""
     rng = jax.random.PRNGKey(seed)
     params = init_params(model_config, jax.random.fold_in(rng, 0))
+    if projection_size is not None:
+        params = {**params, DISTILL_PROJECTION: init_distill_projection(model_config, projection_size)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
 
 
-def state_shardings(stage: StageConfig, optimizer, mesh) -> TrainState:
+def state_shardings(stage: StageConfig, optimizer, mesh,
+                    projection_size: int | None = None) -> TrainState:
     """The NamedSharding of every TrainState leaf, by `stage.sharding.param_rules`."""
-    abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer, stage.train.seed))
+    abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer, stage.train.seed,
+                                                projection_size))
     return sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
 
 
@@ -126,24 +133,39 @@ class InitFrom:
     restore_params: Callable[[Any], Any]   # abstract params (with shardings) -> params
 
 
-def resolve_init_from(path: str) -> InitFrom:
-    """INIT_FROM as a model folder (params read on the host, then placed) or a CKPT (restored
-    by orbax straight onto the shardings)."""
+def resolve_init_from(path: str, init_layers: tuple[int, ...] | None = None) -> InitFrom:
+    """INIT_FROM as a model folder (params read on the host, then placed; only `init_layers` of
+    its layers when given) or a CKPT (restored by orbax straight onto the shardings). Params the
+    source lacks (DISTILL_PROJECTION) keep their fresh init."""
     if model_folder.is_model_folder(path):
         folder = model_folder.read_model_folder(path)
-        return InitFrom(folder.path, lambda abstract: sharding.put(
-            folder.params, jax.tree.map(lambda leaf: leaf.sharding, abstract)))
+        params = folder.params if init_layers is None else layer_subset.subset_params(
+            folder.params, init_layers)
+
+        def restore(abstract):
+            fresh = {name: abstract[name] for name in abstract.keys() - params.keys()}
+            placed = sharding.put(params, jax.tree.map(
+                lambda leaf: leaf.sharding, {name: abstract[name] for name in params}))
+            return {**placed, **{name: None for name in fresh}}
+
+        return InitFrom(folder.path, restore)
     ref = checkpoint.resolve(path, role="INIT_FROM")
-    return InitFrom(ref.workdir, functools.partial(checkpoint.restore_params, ref))
+
+    def restore_checkpoint(abstract):
+        model = {name: value for name, value in abstract.items() if name != DISTILL_PROJECTION}
+        return {DISTILL_PROJECTION: None, **checkpoint.restore_params(ref, model)} if (
+            DISTILL_PROJECTION in abstract) else checkpoint.restore_params(ref, model)
+
+    return InitFrom(ref.workdir, restore_checkpoint)
 
 
 def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom | None,
-                    shardings) -> TrainState:
+                    shardings, projection_size: int | None = None) -> TrainState:
     """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
 
     `shardings`: the TrainState of NamedShardings every leaf is placed with.
     """
-    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed)
+    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed, projection_size)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(make), shardings)
     latest = manager.latest_step()
@@ -151,7 +173,9 @@ def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom 
         return TrainState.from_items(checkpoint.restore(manager, latest, abstract.items()))
     state = jax.jit(make, out_shardings=shardings)()
     if init_from is not None:
-        params = init_from.restore_params(abstract.params)
+        restored = init_from.restore_params(abstract.params)
+        params = {name: state.params[name] if value is None else value
+                  for name, value in restored.items()}
         state = dataclasses.replace(state, params=params, opt_state=jax.jit(
             optimizer.init, out_shardings=shardings.opt_state)(params))
     return state
@@ -190,6 +214,28 @@ def workdir_tokenizer(workdir: pathlib.Path, stage: StageConfig,
     return tokenizer
 
 
+def training_teacher_vectors(workdir: pathlib.Path, stage: StageConfig,
+                             datasets: list[TrainingDataset]):
+    """The teacher vectors of every training text (`gembed.teacher_cache`) when the loss uses a
+    teacher, else None; process 0 fills the cache, the others wait and read it."""
+    config = stage.train
+    if not stage.loss.uses_teacher:
+        return None
+    if config.teacher is None and config.teacher_cache is None:
+        raise GembedUserError(
+            "LossConfig has distillation weights but TrainConfig.teacher and teacher_cache are "
+            "None; set TrainConfig.teacher='MODEL' (a model folder or hf: name).")
+    folder = config.teacher_cache or str(workdir / "teacher_vectors")
+    texts = [text for dataset in datasets for text in teacher_cache.example_texts(dataset.examples)]
+    fill = functools.partial(teacher_cache.teacher_vectors, folder, config.teacher, texts,
+                             log=lambda message: print(message, file=sys.stderr))
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            fill()
+        multihost_utils.sync_global_devices("gembed: teacher vectors written")
+    return fill()
+
+
 def pack_groups(config: TrainConfig, mesh) -> int:
     """Packing groups in this process's rows: one per local data-parallel device, or one per
     gradient-cache chunk of each, so that a device (a chunk) holds its own examples' texts only."""
@@ -226,18 +272,23 @@ def train(workdir: str | pathlib.Path, stage: StageConfig, show_progress: bool |
     datasets, skipped = load_training_data(config)
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
-    init_from = resolve_init_from(config.init_from) if config.init_from and not resuming else None
+    init_from = (resolve_init_from(config.init_from, config.init_layers)
+                 if config.init_from and not resuming else None)
     tokenizer = workdir_tokenizer(workdir, stage, datasets, init_from)
+    teacher = training_teacher_vectors(workdir, stage, datasets)
+    projection_size = (teacher.size if teacher is not None and stage.loss.embedding_matching_weight
+                       and teacher.size != stage.model.embedding_size else None)
     batches = TrainBatches(
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
         add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size),
         pack_groups=pack_groups(config, mesh) if config.packing else 0,
-        length_buckets=config.length_buckets)
+        length_buckets=config.length_buckets,
+        teacher_vectors=None if teacher is None else teacher.lookup)
 
     optimizer = make_optimizer(config)
-    shardings = state_shardings(stage, optimizer, mesh)
-    state = restore_or_init(stage, optimizer, manager, init_from, shardings)
+    shardings = state_shardings(stage, optimizer, mesh, projection_size)
+    state = restore_or_init(stage, optimizer, manager, init_from, shardings, projection_size)
     if jax.process_index() == 0:
         write_operative_config(workdir / workdir_files.CONFIG_GIN)
         workdir_files.write_run_metadata(
