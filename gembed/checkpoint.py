@@ -118,15 +118,32 @@ def resolve(path: str | pathlib.Path, role: str = "CKPT") -> CheckpointRef:
 def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
     """Only the params item of a checkpoint, placed like `abstract_params`; params the checkpoint
     holds beyond those (a training-only distillation map) are left out."""
+    extra = _extra_params(ref, abstract_params)
     manager = open_manager(ref.workdir, read_only=True)
     try:
         restored = manager.restore(ref.step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params, partial_restore=True)))
+            params=ocp.args.StandardRestore({**abstract_params, **extra})))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise GembedUserError(
             f"{ref.step_dir}: its params do not fit this model ({str(e).splitlines()[0]}); "
             f"use the model gin file of the run that wrote it.") from None
-    return restored["params"]
+    return {name: value for name, value in restored["params"].items() if name not in extra}
+
+
+def _extra_params(ref: CheckpointRef, abstract_params: Any) -> dict[str, Any]:
+    """ShapeDtypeStructs of the top-level params the checkpoint holds beyond `abstract_params`
+    (placed like its first leaf), to be read and dropped."""
+    if not isinstance(abstract_params, dict):
+        return {}
+    try:
+        with _quiet_read_only():
+            tree = ocp.StandardCheckpointer().metadata(ref.step_dir / "params").item_metadata.tree
+    except (ValueError, FileNotFoundError, AttributeError):
+        return {}
+    placement = jax.tree.leaves(abstract_params)[0].sharding
+    return {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=placement),
+                               tree[name])
+            for name in tree.keys() - abstract_params.keys()}
 
 
 def abstract_like(tree: Any, sharding) -> Any:

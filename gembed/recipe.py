@@ -5,6 +5,8 @@ wall time; kept apart so the stage folders hold only what the stage writes), so 
 what is done and resumes the rest (training resumes from its own checkpoints; an incomplete
 soup/export/eval folder is redone from scratch):
 
+    teacher_vectors   with `teacher`: the teacher's vectors of the finetune data, cached in
+                      DIR/teacher_vectors (`gembed.teacher_cache`) and read by every finetune run
     prefinetune       `gembed train` with the prefinetune gin files (trains the tokenizer when
                       none is given or inherited); left out when prefinetune_gin_files is empty
     <run name> ...    one `gembed train` per `finetune_runs` entry, from DIR/prefinetune (or
@@ -12,7 +14,8 @@ soup/export/eval folder is redone from scratch):
     soup_uniform      `gembed soup` of every finetune run
     soup_greedy       `gembed soup --method=greedy --eval_task=<soup_task>` of the same runs
     model             `gembed export` of soup_<soup_method>
-    eval              every finetune run, both soups and the exported model on `eval_tasks`;
+    eval              every finetune run, both soups, the exported model, the teacher and the
+                      `baselines` on `eval_tasks`, plus a "sentences/s" column (`speed_texts`);
                       DIR/eval/results.json {row: {task: scores}}; the table is printed
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Any, Callable, Sequence
 
 import gin
 
-import gembed
-from gembed import config, train
+from gembed import config, encode_speed, teacher_cache, train
+from gembed.data.builtin import load_builtin
+from gembed.evaluation.bm25 import BM25
 from gembed.errors import GembedUserError
 from gembed.evaluation import tasks
 from gembed.export import export
@@ -37,6 +41,8 @@ from gembed.soup import make_soup
 
 STAGES_DIR = "stages"   # DIR/stages/<stage>.json marks a complete stage
 RESULTS_FILE = "results.json"
+TEACHER_VECTORS = "teacher_vectors"
+SPEED_COLUMN = "sentences/s"
 
 
 @gin.configurable
@@ -58,14 +64,21 @@ class Recipe:
     eval_tasks: tuple[str, ...] = ("stdlib_code",)
     data_dir: str | None = None        # folder of the public evaluation sets (absent tasks skip)
     eval_batch_size: int = 64
+    teacher: str | None = None         # distillation teacher (model folder or hf: name): cached
+                                       # vectors for the finetune runs, and a row of the table
+    baselines: tuple[str, ...] = ()    # extra rows: 'bm25'
+    speed_texts: int = 0               # > 0: a sentences/s column, encoding this many stdlib_code
+                                       # test texts (queries, then functions) per embedding row
+    speed_max_length: int = 128        # every row's speed texts cut to this many tokens
 
     def __post_init__(self):
         for field in ("model_gin_files", "prefinetune_gin_files", "prefinetune_params",
-                      "finetune_gin_files", "finetune_params", "eval_tasks"):
+                      "finetune_gin_files", "finetune_params", "eval_tasks", "baselines"):
             object.__setattr__(self, field, tuple(getattr(self, field)))
         runs = {name: tuple(params) for name, params in dict(self.finetune_runs).items()}
         object.__setattr__(self, "finetune_runs", runs)
-        reserved = {"prefinetune", "soup_uniform", "soup_greedy", "model", "eval", STAGES_DIR}
+        reserved = {"prefinetune", "soup_uniform", "soup_greedy", "model", "eval", STAGES_DIR,
+                    TEACHER_VECTORS}
         checks = [
             (bool(runs), "Recipe.finetune_runs is empty; give at least one {name: [params]}"),
             (not reserved & runs.keys(),
@@ -77,6 +90,10 @@ class Recipe:
             (bool(self.prefinetune_gin_files) or self.init_from is not None,
              "Recipe.prefinetune_gin_files is empty and Recipe.init_from is None; the finetune "
              "runs need one of them to start from"),
+            (set(self.baselines) <= {"bm25"},
+             f"Recipe.baselines={list(self.baselines)} may only hold 'bm25'"),
+            (self.speed_texts >= 0 and self.speed_max_length > 0,
+             "Recipe.speed_texts must be >= 0 and Recipe.speed_max_length positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,8 +167,17 @@ class Runner:
             init_from = str(self.train(
                 "prefinetune", recipe.model_gin_files + recipe.prefinetune_gin_files,
                 recipe.prefinetune_params + extra))
-        runs = [str(self.train(name, recipe.model_gin_files + recipe.finetune_gin_files,
-                               recipe.finetune_params + (f"INIT_FROM={_quoted(init_from)}",) + params))
+        finetune_gin_files = recipe.model_gin_files + recipe.finetune_gin_files
+        finetune_params = recipe.finetune_params + (f"INIT_FROM={_quoted(init_from)}",)
+        if recipe.teacher:
+            vectors = self.stage(
+                TEACHER_VECTORS, {"teacher": recipe.teacher, "gin_files": list(finetune_gin_files),
+                                  "gin_params": list(finetune_params)},
+                lambda path: self._teacher_vectors(finetune_gin_files, finetune_params, path),
+                resumable=True)
+            finetune_params += (f"TrainConfig.teacher={_quoted(recipe.teacher)}",
+                                f"TrainConfig.teacher_cache={_quoted(vectors)}")
+        runs = [str(self.train(name, finetune_gin_files, finetune_params + params))
                 for name, params in recipe.finetune_runs.items()]
         soups = {}
         for method in ("uniform", "greedy"):
@@ -168,18 +194,48 @@ class Runner:
         rows = {**{pathlib.Path(run).name: run for run in runs},
                 **{path.name: str(path) for path in soups.values()},
                 f"model (export of {chosen.name})": str(model)}
-        spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir}
+        if recipe.teacher:
+            rows[f"teacher ({recipe.teacher})"] = recipe.teacher
+        rows.update({name: name for name in recipe.baselines})
+        spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir,
+                "speed": [recipe.speed_texts, recipe.speed_max_length]}
         eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path))
         return json.loads((eval_dir / RESULTS_FILE).read_text())
 
+    def _teacher_vectors(self, gin_files: tuple[str, ...], params: tuple[str, ...],
+                         path: pathlib.Path) -> None:
+        """Fills `path` with the teacher's vectors of the finetune runs' training texts."""
+        config.parse_gin(gin_files, params)
+        try:
+            stage = config.build_stage_config()
+        finally:
+            gin.clear_config()
+        datasets, _ = train.load_training_data(stage.train)
+        texts = [text for dataset in datasets
+                 for text in teacher_cache.example_texts(dataset.examples)]
+        teacher_cache.teacher_vectors(path, self.recipe.teacher, texts,
+                                      max_length=stage.train.max_length, log=self.log)
+
     def _evaluate(self, rows: dict[str, str], path: pathlib.Path) -> None:
+        recipe = self.recipe
+        speed_texts = _speed_texts(recipe.speed_texts)
         results = {}
         for row, location in rows.items():
-            results[row] = tasks.evaluate(gembed.load(location), self.recipe.eval_tasks,
-                                          data_dir=self.recipe.data_dir,
-                                          batch_size=self.recipe.eval_batch_size, log=self.log)
+            encoder = BM25() if location == "bm25" else teacher_cache.load_model(location)
+            results[row] = tasks.evaluate(encoder, recipe.eval_tasks, data_dir=recipe.data_dir,
+                                          batch_size=recipe.eval_batch_size, log=self.log)
+            if speed_texts and location != "bm25":
+                results[row][SPEED_COLUMN] = {"main_score": encode_speed.sentences_per_second(
+                    encoder, speed_texts, recipe.speed_max_length, recipe.eval_batch_size)}
         path.mkdir(parents=True, exist_ok=True)
         tasks.write_json(results, path / RESULTS_FILE)
+
+
+def _speed_texts(count: int) -> list[str]:
+    """The first `count` texts of the stdlib_code test split: its queries, then its functions."""
+    examples = load_builtin("stdlib_code", "test")
+    return ([example.query for example in examples]
+            + [example.positive for example in examples])[:count]
 
 
 def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:

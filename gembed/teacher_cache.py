@@ -112,15 +112,16 @@ def fill_cache(folder: str | os.PathLike, teacher: str, encode: Callable[[list[s
     return TeacherVectors(folder)
 
 
-def load_teacher(name: str) -> Embedder:
-    """The teacher's Embedder: a model folder, an `hf:ORG/NAME` import, or a training CKPT."""
+def load_model(name: str) -> Embedder:
+    """The Embedder of a teacher (or of a recipe table's row): a model folder, an `hf:ORG/NAME`
+    import, or a training CKPT."""
     path = str(hub_folder.hub_model_folder(name)) if hub.is_hub_name(name) else name
     if model_folder.is_model_folder(path):
         return Embedder.of(model_folder.read_model_folder(path))
     if checkpoint.holds_checkpoints(path):
         return Embedder.of(workdir.read_checkpoint_model(path))
-    raise GembedUserError(f"{name}: TrainConfig.teacher is neither a model folder, an hf: name nor "
-                          f"a training checkpoint; fix the binding.")
+    raise GembedUserError(f"{name}: neither a model folder, an hf: name nor a training checkpoint; "
+                          f"fix TrainConfig.teacher (or Recipe.teacher).")
 
 
 def example_texts(examples: Sequence[Example]) -> list[str]:
@@ -130,9 +131,12 @@ def example_texts(examples: Sequence[Example]) -> list[str]:
 
 
 def teacher_vectors(folder: str | os.PathLike, teacher: str | None, texts: Sequence[str],
-                    batch_size: int = 64, log: Callable[[str], None] | None = None) -> TeacherVectors:
+                    max_length: int, batch_size: int = 64,
+                    log: Callable[[str], None] | None = None) -> TeacherVectors:
     """The cache at `folder` holding every one of `texts`: filled by `teacher` where missing;
-    without a teacher, the folder must already hold them all."""
+    without a teacher, the folder must already hold them all. The teacher reads at most
+    `max_length` of its own tokens per text (at most its own max length), so it sees about what
+    a student trained at that MAX_LENGTH sees; the cache records it with the teacher's name."""
     if teacher is None:
         cache = TeacherVectors(folder)
         missing = cache.missing(texts)
@@ -144,7 +148,9 @@ def teacher_vectors(folder: str | os.PathLike, teacher: str | None, texts: Seque
 
     def encode(batch: list[str]) -> np.ndarray:
         nonlocal embedder
-        embedder = embedder or load_teacher(teacher)
+        if embedder is None:
+            embedder = load_model(teacher)
+            embedder.max_length = min(embedder.max_length, max_length)
         return embedder.encode(batch, batch_size=batch_size)
 
-    return fill_cache(folder, teacher, encode, texts, log=log)
+    return fill_cache(folder, f"{teacher} max_length={max_length}", encode, texts, log=log)

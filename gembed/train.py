@@ -228,6 +228,7 @@ def training_teacher_vectors(workdir: pathlib.Path, stage: StageConfig,
     folder = config.teacher_cache or str(workdir / "teacher_vectors")
     texts = [text for dataset in datasets for text in teacher_cache.example_texts(dataset.examples)]
     fill = functools.partial(teacher_cache.teacher_vectors, folder, config.teacher, texts,
+                             max_length=config.max_length,
                              log=lambda message: print(message, file=sys.stderr))
     if jax.process_count() > 1:
         if jax.process_index() == 0:

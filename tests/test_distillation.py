@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gembed import gradcache, sharding
+from gembed import checkpoint, gradcache, sharding, workdir
 from gembed.config import LossConfig, TrainConfig
 from gembed.layer_subset import subset_params
 from gembed.losses import distillation
@@ -238,3 +238,16 @@ def test_layer_subset_renumbers_layers():
     subset = subset_params(params, (1, 3, 5))
     assert subset["encoder"] == {"e": -1, "layer_0": {"w": 1}, "layer_1": {"w": 3},
                                  "layer_2": {"w": 5}}
+
+
+def test_projection_is_dropped_when_reading_the_checkpoint(tmp_path):
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                         max_position_embeddings=LENGTH)
+    params = init_state(config, make_optimizer(TrainConfig(train_data="x")), seed=0,
+                        projection_size=TEACHER_SIZE).params
+    ref = checkpoint.save_params(tmp_path, 1, params)
+    restored = workdir.restore_params(ref, config)
+    assert DISTILL_PROJECTION not in restored
+    for want, got in zip(jax.tree.leaves({k: v for k, v in params.items()
+                                          if k != DISTILL_PROJECTION}), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(got, want)
