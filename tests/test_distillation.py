@@ -184,6 +184,7 @@ def distill_batch(batch, slots, seed=0):
             "teacher_vectors": teacher.astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_gradient_caching_equals_plain_step_with_distillation():
     config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64,
                          max_position_embeddings=LENGTH, projection_dim=16)
