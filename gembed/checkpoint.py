@@ -21,12 +21,14 @@ ITEMS = ("params", "opt_state", "loop")
 
 
 class _QuietReadOnly(logging.Filter):
-    """Drops orbax's notices that a manager opened read-only (on purpose, to read) will not save."""
+    """Drops orbax's notices that a manager opened read-only (on purpose, to read) will not save,
+    and that a params item has no checkpoint-level metadata file (its tree metadata is read)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.startswith("CheckpointManagerOptions.read_only=True")
-                    or message.startswith("Given directory is read only"))
+                    or message.startswith("Given directory is read only")
+                    or message.startswith("Metadata file does not exist"))
 
 
 @contextlib.contextmanager
