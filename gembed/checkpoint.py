@@ -23,12 +23,14 @@ SKIPPED_DIR = "skipped_checkpoints"   # damaged checkpoints a resume moved out o
 
 
 class _QuietReadOnly(logging.Filter):
-    """Drops orbax's notices that a manager opened read-only (on purpose, to read) will not save."""
+    """Drops orbax's notices that a manager opened read-only (on purpose, to read) will not save,
+    and that a params item has no checkpoint-level metadata file (its tree metadata is read)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.startswith("CheckpointManagerOptions.read_only=True")
-                    or message.startswith("Given directory is read only"))
+                    or message.startswith("Given directory is read only")
+                    or message.startswith("Metadata file does not exist"))
 
 
 @contextlib.contextmanager
@@ -154,17 +156,35 @@ def resolve(path: str | pathlib.Path, role: str = "CKPT") -> CheckpointRef:
 
 
 def restore_params(ref: CheckpointRef, abstract_params: Any) -> Any:
-    """Only the params item of a checkpoint, placed like `abstract_params`."""
+    """Only the params item of a checkpoint, placed like `abstract_params`; params the checkpoint
+    holds beyond those (a training-only distillation map) are left out."""
+    extra = _extra_params(ref, abstract_params)
     manager = open_manager(ref.workdir, read_only=True)
     try:
         restored = manager.restore(ref.step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+            params=ocp.args.StandardRestore({**abstract_params, **extra})))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise GembedUserError(
             f"{ref.step_dir}: its params do not restore ({str(e).splitlines()[0]}): the "
             f"checkpoint is damaged, or {ref.workdir}/model_config.json is not the run's that wrote "
             f"it; name another step, or fix that file.") from None
-    return restored["params"]
+    return {name: value for name, value in restored["params"].items() if name not in extra}
+
+
+def _extra_params(ref: CheckpointRef, abstract_params: Any) -> dict[str, Any]:
+    """ShapeDtypeStructs of the top-level params the checkpoint holds beyond `abstract_params`
+    (placed like its first leaf), to be read and dropped."""
+    if not isinstance(abstract_params, dict):
+        return {}
+    try:
+        with _quiet_read_only():
+            tree = ocp.StandardCheckpointer().metadata(ref.step_dir / "params").item_metadata.tree
+    except (ValueError, FileNotFoundError, AttributeError):
+        return {}
+    placement = jax.tree.leaves(abstract_params)[0].sharding
+    return {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=placement),
+                               tree[name])
+            for name in tree.keys() - abstract_params.keys()}
 
 
 def abstract_like(tree: Any, sharding) -> Any:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import gin
 
-from gembed import checkpoint, model_folder, workdir
+from gembed import checkpoint, layer_subset, model_folder, workdir
 from gembed.convert import hub, hub_folder
 from gembed.data.mixture import DatasetSpec
 from gembed.errors import GembedUserError
@@ -48,6 +48,34 @@ class LossConfig:
     max_scale: float = 100.0        # clamp on exp(log_scale)
     false_negative_margin: float | None = None   # drop a candidate scoring above the positive
                                     # by more than this cosine margin (None: keep every candidate)
+    hardness_alpha: float = 0.0     # weight negatives by exp(alpha * sg(cosine)); 0 = off
+    # Distillation (gembed.losses.distillation; docs/distillation.md). The total loss is
+    # contrastive_weight * InfoNCE + the weighted terms below; teacher terms need TrainConfig.teacher.
+    contrastive_weight: float = 1.0
+    embedding_matching_weight: float = 0.0   # student vs teacher vectors of every slot
+    embedding_matching: str = "cosine"       # 'cosine' | 'mse'
+    score_distillation_weight: float = 0.0   # KL(teacher || student) over each query's candidates
+    student_temperature: float = 0.05
+    teacher_temperature: float = 0.05
+    spread_out_weight: float = 0.0  # global orthogonal regularisation of queries and of positives
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.embedding_matching_weight > 0 or self.score_distillation_weight > 0
+
+    def __post_init__(self):
+        checks = [
+            (self.embedding_matching in ("cosine", "mse"),
+             f"LossConfig.embedding_matching={self.embedding_matching!r} must be 'cosine' or 'mse'"),
+            (min(self.contrastive_weight, self.embedding_matching_weight,
+                 self.score_distillation_weight, self.spread_out_weight) >= 0,
+             "LossConfig weights must be >= 0"),
+            (self.student_temperature > 0 and self.teacher_temperature > 0,
+             "LossConfig.student_temperature and teacher_temperature must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GembedUserError(f"{message}; fix the binding in your gin file or --gin_param.")
 
 
 @gin.configurable
@@ -82,6 +110,12 @@ class TrainConfig:
     packing: bool = True            # pack texts into MAX_LENGTH rows (gembed.data.packing): almost
                                     # no padding; per device, or per gradient-cache chunk
     length_buckets: bool = True     # unpacked only: pad to a power-of-two bucket, not MAX_LENGTH
+    init_layers: tuple[int, ...] | None = None   # with a model-folder INIT_FROM: keep only these
+                                    # of its layers (e.g. (1, 3, 5)); the student has len() layers
+    teacher: str | None = None      # model folder or hf: name whose vectors the distillation
+                                    # losses match (LossConfig); None = no teacher
+    teacher_cache: str | None = None   # folder of cached teacher vectors (gembed.teacher_cache);
+                                    # None = WORKDIR/teacher_vectors
 
     @property
     def dataset_specs(self) -> tuple[DatasetSpec, ...]:
@@ -90,6 +124,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
+        if self.init_layers is not None:
+            object.__setattr__(self, "init_layers", tuple(self.init_layers))
         for name, macro in (("batch_size", "BATCH_SIZE"), ("train_steps", "TRAIN_STEPS"),
                             ("max_length", "MAX_LENGTH"), ("checkpoint_every", "CHECKPOINT_EVERY"),
                             ("log_every", "LOG_EVERY"), ("warmup_steps", "TrainConfig.warmup_steps"),
@@ -118,6 +154,9 @@ class TrainConfig:
             (self.num_hard_negatives >= 0,
              f"TrainConfig.num_hard_negatives={self.num_hard_negatives} must be >= 0"),
             (0 <= self.warmup_steps, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0"),
+            (self.init_layers is None or (len(self.init_layers) > 0 and self.init_from),
+             f"TrainConfig.init_layers={self.init_layers} needs a model-folder INIT_FROM and at "
+             f"least one layer"),
         ]
         for ok, message in checks:
             if not ok:
@@ -248,8 +287,9 @@ def build_stage_config() -> StageConfig:
 
     When INIT_FROM is a model folder or a CKPT, the model is its architecture (see
     `model_folder.finetune_model_config` for which ModelConfig bindings still apply), so a stage
-    started from another needs no model gin file; an `hf:ORG/NAME` INIT_FROM becomes the model
-    folder it imports to (`hub_folder`).
+    started from another needs no model gin file; with a model folder, `TrainConfig.init_layers`
+    keeps those of its layers (`gembed.layer_subset`). An `hf:ORG/NAME` INIT_FROM becomes the
+    model folder it imports to (`hub_folder`).
     """
     train = TrainConfig()
     if hub.is_hub_name(train.init_from):
@@ -259,6 +299,12 @@ def build_stage_config() -> StageConfig:
         model = model_folder.finetune_model_config(
             model_folder.read_model_config(train.init_from), gin.get_bindings(ModelConfig),
             train.init_from)
+        if train.init_layers is not None:
+            model = layer_subset.subset_config(model, train.init_layers, train.init_from)
+    elif train.init_layers is not None:
+        raise GembedUserError(
+            f"TrainConfig.init_layers={train.init_layers} needs INIT_FROM to be a model folder "
+            f"(gembed import / export), not {train.init_from!r}; fix INIT_FROM or drop init_layers.")
     elif train.init_from is not None and checkpoint.holds_checkpoints(train.init_from):
         source = checkpoint.resolve(train.init_from, role="INIT_FROM").workdir
         model = model_folder.finetune_model_config(

@@ -10,14 +10,17 @@ mining/soup/export/eval folder is redone from scratch):
     mining            `gembed mine` with the strongest model so far (the prefinetuned one, else
                       `init_from`): DIR/mining/mined.jsonl, which finetune runs read as the macro
                       MINED_DATA; left out when `mining` is None
+    teacher_vectors   with `teacher`: the teacher's vectors of the finetune data, cached in
+                      DIR/teacher_vectors (`gembed.teacher_cache`) and read by every finetune run
     <run name> ...    one `gembed train` per `finetune_runs` entry, from DIR/prefinetune (or
                       `init_from` without a prefinetune stage)
     soup_uniform      `gembed soup` of every finetune run
     soup_greedy       `gembed soup --method=greedy --eval_task=<soup_task>` of the same runs
                       (soup_task is a validation split: the choice never sees the test split)
     model             `gembed export` of soup_<soup_method>, at `eval_max_length`
-    eval              BM25, `init_from` zero-shot, every trained stage, both soups (the chosen one
-                      through its export) on `eval_tasks`, all encoding at `eval_max_length`;
+    eval              BM25 and `init_from` zero-shot (`baselines`), the teacher, every trained
+                      stage, both soups (the chosen one through its export) on `eval_tasks`, all
+                      encoding at `eval_max_length`, plus a "sentences/s" column (`speed_texts`);
                       DIR/eval/results.json {row: {task: scores}}; the table is printed with each
                       row's stage wall time
 """
@@ -34,10 +37,8 @@ from typing import Any, Callable, Sequence
 
 import gin
 
-import gembed
-from gembed import config, train
-from gembed.convert import hub, hub_folder
-from gembed.data import load_examples, write_jsonl
+from gembed import config, encode_speed, teacher_cache, train
+from gembed.data import load_builtin, load_examples, write_jsonl
 from gembed.errors import GembedUserError
 from gembed.evaluation import tasks
 from gembed.evaluation.bm25 import BM25
@@ -51,8 +52,10 @@ MINED_FILE = "mined.jsonl"
 
 
 MINED_DATA = "MINED_DATA"   # the macro finetune gin files read the mined pairs from
-RESERVED_STAGES = frozenset({"prefinetune", "mining", "soup_uniform", "soup_greedy", "model", "eval",
-                             STAGES_DIR})
+TEACHER_VECTORS = "teacher_vectors"
+SPEED_COLUMN = "sentences/s"
+RESERVED_STAGES = frozenset({"prefinetune", "mining", TEACHER_VECTORS, "soup_uniform", "soup_greedy",
+                             "model", "eval", STAGES_DIR})
 
 
 @gin.configurable
@@ -93,6 +96,11 @@ class Recipe:
     baselines: bool = True             # BM25 and zero-shot `init_from` rows
     data_dir: str | None = None        # folder of the public evaluation sets (absent tasks skip)
     eval_batch_size: int = 64
+    teacher: str | None = None         # distillation teacher (model folder or hf: name): cached
+                                       # vectors for the finetune runs, and a row of the table
+    speed_texts: int = 0               # > 0: a sentences/s column, encoding this many stdlib_code
+                                       # test texts (queries, then functions) per embedding row
+    speed_max_length: int = 128        # every row's speed texts cut to this many tokens
 
     def __post_init__(self):
         for field in ("model_gin_files", "prefinetune_gin_files", "prefinetune_params",
@@ -111,6 +119,8 @@ class Recipe:
             (bool(self.prefinetune_gin_files) or self.init_from is not None,
              "Recipe.prefinetune_gin_files is empty and Recipe.init_from is None; the finetune "
              "runs need one of them to start from"),
+            (self.speed_texts >= 0 and self.speed_max_length > 0,
+             "Recipe.speed_texts must be >= 0 and Recipe.speed_max_length positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -186,13 +196,21 @@ class Runner:
             init_from = trained["prefinetune"] = str(self.train(
                 "prefinetune", recipe.model_gin_files + recipe.prefinetune_gin_files,
                 recipe.prefinetune_params + extra))
+        finetune_gin_files = recipe.model_gin_files + recipe.finetune_gin_files
         shared = recipe.finetune_params + (f"INIT_FROM={_quoted(init_from)}",)
         if recipe.mining is not None:
             mined = self.mine(init_from) / MINED_FILE
             shared += (f"{MINED_DATA}={_quoted(mined)}",)
+        if recipe.teacher:
+            vectors = self.stage(
+                TEACHER_VECTORS, {"teacher": recipe.teacher, "gin_files": list(finetune_gin_files),
+                                  "gin_params": list(shared)},
+                lambda path: self._teacher_vectors(finetune_gin_files, shared, path),
+                resumable=True)
+            shared += (f"TrainConfig.teacher={_quoted(recipe.teacher)}",
+                       f"TrainConfig.teacher_cache={_quoted(vectors)}")
         for name, params in recipe.finetune_runs.items():
-            trained[name] = str(self.train(name, recipe.model_gin_files + recipe.finetune_gin_files,
-                                           shared + params))
+            trained[name] = str(self.train(name, finetune_gin_files, shared + params))
         runs = [trained[name] for name in recipe.finetune_runs]
         soups = {}
         for method in ("uniform", "greedy"):
@@ -209,15 +227,18 @@ class Runner:
         rows, stage_of = {}, {}   # row -> what it evaluates, row -> the stage that made it
         if recipe.baselines:
             rows["bm25"] = BM25.name
-            if recipe.init_from is not None:
+            if recipe.init_from is not None and recipe.init_from != recipe.teacher:
                 rows["zero-shot (init_from)"] = recipe.init_from
+        if recipe.teacher:
+            rows[f"teacher ({recipe.teacher})"] = recipe.teacher
         for name, path in trained.items():
             rows[name], stage_of[name] = path, name
         for method, soup in soups.items():
             row = f"soup_{method}" + (" -> model" if soup == chosen else "")
             rows[row], stage_of[row] = str(model if soup == chosen else soup), soup.name
         spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir,
-                "max_length": recipe.eval_max_length}
+                "max_length": recipe.eval_max_length,
+                "speed": [recipe.speed_texts, recipe.speed_max_length]}
         eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path))
         results = json.loads((eval_dir / RESULTS_FILE).read_text())
         seconds = {row: self.seconds(stage) for row, stage in stage_of.items()}
@@ -229,7 +250,7 @@ class Runner:
         spec = {"model": model, **dataclasses.asdict(mining)}
 
         def run(path: pathlib.Path) -> None:
-            embedder = _load(model)
+            embedder = teacher_cache.load_model(model)
             embedder.max_length = mining.max_length
             examples = load_examples(mining.data, split="train")
             mined, stats = mine_hard_negatives(
@@ -252,25 +273,43 @@ class Runner:
         return sum(json.loads(marker.read_text())["seconds"]
                    for marker in (self.workdir / STAGES_DIR).glob("*.json"))
 
+    def _teacher_vectors(self, gin_files: tuple[str, ...], params: tuple[str, ...],
+                         path: pathlib.Path) -> None:
+        """Fills `path` with the teacher's vectors of the finetune runs' training texts."""
+        config.parse_gin(gin_files, params)
+        try:
+            stage = config.build_stage_config()
+        finally:
+            gin.clear_config()
+        datasets, _ = train.load_training_data(stage.train)
+        texts = [text for dataset in datasets
+                 for text in teacher_cache.example_texts(dataset.examples)]
+        teacher_cache.teacher_vectors(path, self.recipe.teacher, texts,
+                                      max_length=stage.train.max_length, log=self.log)
+
     def _evaluate(self, rows: dict[str, str], path: pathlib.Path) -> None:
+        recipe = self.recipe
+        speed_texts = _speed_texts(recipe.speed_texts)
         results = {}
         for row, location in rows.items():
             self.log(f"gembed run: eval: {row}")
-            encoder = BM25() if location == BM25.name else _load(location)
-            if location != BM25.name and self.recipe.eval_max_length is not None:
-                encoder.max_length = self.recipe.eval_max_length
-            results[row] = tasks.evaluate(encoder, self.recipe.eval_tasks,
-                                          data_dir=self.recipe.data_dir,
-                                          batch_size=self.recipe.eval_batch_size, log=self.log)
+            encoder = BM25() if location == BM25.name else teacher_cache.load_model(location)
+            if location != BM25.name and recipe.eval_max_length is not None:
+                encoder.max_length = recipe.eval_max_length
+            results[row] = tasks.evaluate(encoder, recipe.eval_tasks, data_dir=recipe.data_dir,
+                                          batch_size=recipe.eval_batch_size, log=self.log)
+            if speed_texts and location != BM25.name:
+                results[row][SPEED_COLUMN] = {"main_score": encode_speed.sentences_per_second(
+                    encoder, speed_texts, recipe.speed_max_length, recipe.eval_batch_size)}
         path.mkdir(parents=True, exist_ok=True)
         tasks.write_json(results, path / RESULTS_FILE)
 
 
-def _load(location: str) -> gembed.Embedder:
-    """`gembed.load`, with `hf:ORG/NAME` resolved to the model folder it imports to."""
-    if hub.is_hub_name(location):
-        location = str(hub_folder.hub_model_folder(location))
-    return gembed.load(location)
+def _speed_texts(count: int) -> list[str]:
+    """The first `count` texts of the stdlib_code test split: its queries, then its functions."""
+    examples = load_builtin("stdlib_code", "test")
+    return ([example.query for example in examples]
+            + [example.positive for example in examples])[:count]
 
 
 def format_results(results: dict[str, Any]) -> str:

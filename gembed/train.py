@@ -30,8 +30,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import (checkpoint, flops, gradcache, lora, model_folder, sharding,
-                    workdir as workdir_files, workdir_lock)
+from gembed import (checkpoint, flops, gradcache, layer_subset, lora, model_folder, sharding,
+                    teacher_cache, workdir as workdir_files, workdir_lock)
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
@@ -41,7 +41,7 @@ from gembed.errors import GembedUserError
 from gembed.evaluation.during_training import TrainingEvaluator
 from gembed.metrics import MetricsWriter, ThroughputMeter
 from gembed.model import ModelConfig, init_params
-from gembed.objective import batch_loss
+from gembed.objective import DISTILL_PROJECTION, batch_loss, init_distill_projection
 
 TOKENIZER_EXAMPLES = 25_000                # examples (over all datasets) a new vocabulary sees
 FINITE = "finite"   # the step metric: bool[], loss, gradient norm and the new params all finite
@@ -131,22 +131,27 @@ def adapter_key(seed: int) -> jax.Array:
 
 
 def init_state(model_config: ModelConfig, optimizer, seed: int,
-               lora_config: lora.LoraConfig | None = None) -> TrainState:
-    """The state of a fresh init from `seed`; a LoRA run's adapters on that random base."""
+               lora_config: lora.LoraConfig | None = None,
+               projection_size: int | None = None) -> TrainState:
+    """The state of a fresh init from `seed`: a LoRA run's adapters on that random base; with
+    `projection_size` the params also hold DISTILL_PROJECTION f32[E, Dt]."""
     rng = jax.random.PRNGKey(seed)
     params = init_params(model_config, jax.random.fold_in(rng, 0))
     frozen = None
     if lora_config is not None and lora_config.enabled:
         params, frozen = lora.split(params, adapter_key(seed), config=lora_config)
+    if projection_size is not None:
+        params = {**params, DISTILL_PROJECTION: init_distill_projection(model_config, projection_size)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1),
                       frozen=frozen)
 
 
-def state_shardings(stage: StageConfig, optimizer, mesh) -> TrainState:
+def state_shardings(stage: StageConfig, optimizer, mesh,
+                    projection_size: int | None = None) -> TrainState:
     """The NamedSharding of every TrainState leaf, by `stage.sharding.param_rules`."""
     abstract = jax.eval_shape(functools.partial(init_state, stage.model, optimizer,
-                                                stage.train.seed, stage.lora))
+                                                stage.train.seed, stage.lora, projection_size))
     return sharding.tree_shardings(abstract, mesh, stage.sharding.param_rules)
 
 
@@ -172,12 +177,16 @@ def _put_like(params, abstract):
                                      abstract), jax.tree.map(lambda leaf: leaf.sharding, abstract))
 
 
-def resolve_init_from(path: str) -> InitFrom:
-    """INIT_FROM as a model folder (params read on the host, then placed), a CKPT (restored by
-    orbax straight onto the shardings), or a LoRA run's CKPT (merged on the host, then placed)."""
+def resolve_init_from(path: str, init_layers: tuple[int, ...] | None = None) -> InitFrom:
+    """INIT_FROM as a model folder (params read on the host, then placed; only `init_layers` of
+    its layers when given), a CKPT (restored by orbax straight onto the shardings; params it holds
+    beyond the model's, such as DISTILL_PROJECTION, are dropped), or a LoRA run's CKPT (merged on
+    the host, then placed)."""
     if model_folder.is_model_folder(path):
         folder = model_folder.read_model_folder(path)
-        return InitFrom(folder.path, functools.partial(_put_like, folder.params))
+        params = folder.params if init_layers is None else layer_subset.subset_params(
+            folder.params, init_layers)
+        return InitFrom(folder.path, functools.partial(_put_like, params))
     ref = checkpoint.resolve(path, role="INIT_FROM")
     if workdir_files.read_lora(ref.workdir) is not None:
         return InitFrom(ref.workdir, lambda abstract: _put_like(
@@ -193,13 +202,14 @@ def base_reference(path: str) -> str:
 
 
 def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom | None,
-                    shardings, mesh) -> TrainState:
+                    shardings, mesh, projection_size: int | None = None) -> TrainState:
     """The start state by the fixed restore order: own checkpoint, INIT_FROM params, scratch.
 
     `shardings`: the TrainState of NamedShardings every leaf is placed with. A LoRA run's
     `init_from` (its base) is given on resumes too: the frozen tree is not checkpointed.
     """
-    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed, stage.lora)
+    make = functools.partial(init_state, stage.model, optimizer, stage.train.seed, stage.lora,
+                             projection_size)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(make), shardings)
     resuming = bool(manager.all_steps())
@@ -219,6 +229,8 @@ def restore_or_init(stage: StageConfig, optimizer, manager, init_from: InitFrom 
             params, frozen = jax.jit(functools.partial(lora.split, config=stage.lora),
                                      out_shardings=(shardings.params, shardings.frozen))(
                 base, adapter_key(stage.train.seed))
+        if projection_size is not None:   # the source has none: it keeps its fresh init
+            params = {**params, DISTILL_PROJECTION: state.params[DISTILL_PROJECTION]}
         state = dataclasses.replace(state, params=params, frozen=frozen, opt_state=jax.jit(
             optimizer.init, out_shardings=shardings.opt_state)(params))
     return state
@@ -329,6 +341,29 @@ def check_lora_base(workdir: pathlib.Path, stage: StageConfig, resuming: bool) -
     return base_reference(stage.train.init_from)
 
 
+def training_teacher_vectors(workdir: pathlib.Path, stage: StageConfig,
+                             datasets: list[TrainingDataset]):
+    """The teacher vectors of every training text (`gembed.teacher_cache`) when the loss uses a
+    teacher, else None; process 0 fills the cache, the others wait and read it."""
+    config = stage.train
+    if not stage.loss.uses_teacher:
+        return None
+    if config.teacher is None and config.teacher_cache is None:
+        raise GembedUserError(
+            "LossConfig has distillation weights but TrainConfig.teacher and teacher_cache are "
+            "None; set TrainConfig.teacher='MODEL' (a model folder or hf: name).")
+    folder = config.teacher_cache or str(workdir / "teacher_vectors")
+    texts = [text for dataset in datasets for text in teacher_cache.example_texts(dataset.examples)]
+    fill = functools.partial(teacher_cache.teacher_vectors, folder, config.teacher, texts,
+                             max_length=config.max_length,
+                             log=lambda message: print(message, file=sys.stderr))
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            fill()
+        multihost_utils.sync_global_devices("gembed: teacher vectors written")
+    return fill()
+
+
 def pack_groups(config: TrainConfig, mesh) -> int:
     """Packing groups in this process's rows: one per local data-parallel device, or one per
     gradient-cache chunk of each, so that a device (a chunk) holds its own examples' texts only."""
@@ -371,19 +406,28 @@ def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool
     manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
     resuming = manager.latest_step() is not None
     lora_base = check_lora_base(workdir, stage, resuming)
-    init_from = (resolve_init_from(lora_base or config.init_from)
+    init_from = (resolve_init_from(lora_base or config.init_from, config.init_layers)
                  if lora_base or (config.init_from and not resuming) else None)
     tokenizer = workdir_tokenizer(workdir, stage, datasets, None if resuming else init_from)
+    teacher = training_teacher_vectors(workdir, stage, datasets)
+    projection_size = (teacher.size if teacher is not None and stage.loss.embedding_matching_weight
+                       and teacher.size != stage.model.embedding_size else None)
+    if projection_size is not None and stage.lora.enabled:
+        raise GembedUserError(
+            "LoRA with embedding matching through a learned map (teacher and student sizes "
+            f"differ: {projection_size} vs {stage.model.embedding_size}) is not supported; set "
+            "LossConfig.embedding_matching_weight=0 or LoraConfig.rank=0.")
     batches = TrainBatches(
         datasets, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         num_hard_negatives=config.num_hard_negatives, seed=config.seed,
         add_eos=stage.model.pooling == "last", rows=sharding.host_slice(config.batch_size),
         pack_groups=pack_groups(config, mesh) if config.packing else 0,
-        length_buckets=config.length_buckets)
+        length_buckets=config.length_buckets,
+        teacher_vectors=None if teacher is None else teacher.lookup)
 
     optimizer = make_optimizer(config)
-    shardings = state_shardings(stage, optimizer, mesh)
-    state = restore_or_init(stage, optimizer, manager, init_from, shardings, mesh)
+    shardings = state_shardings(stage, optimizer, mesh, projection_size)
+    state = restore_or_init(stage, optimizer, manager, init_from, shardings, mesh, projection_size)
     if jax.process_index() == 0:
         write_operative_config(workdir / workdir_files.CONFIG_GIN)
         workdir_files.write_run_metadata(

@@ -233,3 +233,31 @@ def test_train_stage_clears_the_gin_config_after_a_stage_it_refused(tmp_path):
     with pytest.raises(GembedUserError, match="BATCH_SZE"):
         train_stage(tmp_path, ["model/tiny.gin", "prefinetune.gin"], ["BATCH_SZE=8"])
     assert gin.config_str() == ""
+
+
+@pytest.mark.slow
+def test_distill_recipe_caches_teacher_vectors_and_tabulates_teacher_bm25_and_speed(corpus, capsys):
+    """A miniature distill recipe (teacher: finetune run A): the teacher_vectors stage fills the
+    cache once, both students train against it, and the table has the teacher, BM25 and speed."""
+    root = corpus["root"]
+    params = stage_params(corpus, data=False) + ["TRAIN_STEPS=2", "BATCH_SIZE=8",
+                                                 "LossConfig.embedding_matching_weight=1.0",
+                                                 "LossConfig.score_distillation_weight=0.5",
+                                                 "LossConfig.spread_out_weight=0.1"]
+    (root / "distill.gin").write_text(RECIPE.format(
+        pairs=corpus["pairs"], prefinetune=stage_params(corpus) + ["TRAIN_STEPS=1", "BATCH_SIZE=8"],
+        finetune=params) + f"Recipe.teacher = '{corpus['a']}'\nRecipe.speed_texts = 16\n")
+    run = root / "distill_run"
+    capsys.readouterr()
+    assert cli.main(["run", f"--gin_file={root / 'distill.gin'}", f"--workdir={run}"]) == 0
+    assert "sentences/s" in capsys.readouterr().out.splitlines()[0]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    teacher = f"teacher ({corpus['a']})"
+    assert list(results)[:2] == ["bm25", teacher]
+    assert "sentences/s" not in results["bm25"] and results[teacher]["sentences/s"]["main_score"] > 0
+    shards = sorted((run / "teacher_vectors").glob("vectors-*.safetensors"))
+    assert shards
+    logged = [json.loads(line) for line in (run / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {"embedding_matching", "score_distillation", "spread_out"} <= logged[-1].keys()
+    assert cli.main(["run", f"--gin_file={root / 'distill.gin'}", f"--workdir={run}"]) == 0
+    assert sorted((run / "teacher_vectors").glob("vectors-*.safetensors")) == shards

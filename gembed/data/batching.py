@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -106,12 +106,15 @@ class TrainBatches:
       token_ids  int32[b, S, L]     right-padded with `tokenizer.pad_id`; L = max_length, or
                                     with length_buckets the bucket of the longest text
       token_mask bool [b, S, L]     True on real tokens
+    With `teacher_vectors` (raw texts -> f32[N, Dt], e.g. `gembed.teacher_cache.TeacherVectors.lookup`):
+      teacher_vectors f32[b, S, Dt]  the teacher's vector of each slot's text (zeros if invalid)
     Queries carry their dataset's query prompt, documents its document prompt.
     """
 
     def __init__(self, datasets: Sequence[TrainingDataset], tokenizer, *, batch_size: int,
                  max_length: int, num_hard_negatives: int, seed: int, add_eos: bool,
-                 rows: slice, pack_groups: int = 0, length_buckets: bool = False):
+                 rows: slice, pack_groups: int = 0, length_buckets: bool = False,
+                 teacher_vectors: Callable[[Sequence[str]], np.ndarray] | None = None):
         local_examples = len(range(batch_size)[rows])
         if pack_groups < 0 or (pack_groups and local_examples % pack_groups):
             raise ValueError(f"{local_examples} examples do not split into {pack_groups} groups")
@@ -123,6 +126,7 @@ class TrainBatches:
         self._num_slots = FIRST_NEGATIVE_SLOT + num_hard_negatives
         self._add_eos = add_eos
         self._rows = rows
+        self._teacher_vectors = teacher_vectors
         for dataset in self.datasets:
             if len(dataset.examples) < batch_size:
                 raise GembedUserError(
@@ -170,9 +174,11 @@ class TrainBatches:
         prompted = [prompts[i % slots] + text if text else text for i, text in enumerate(texts)]
         token_lists = self._tokenizer.encode(prompted, length, add_eos=self._add_eos)
         keys = text_keys(texts).reshape(rows, slots, 2)
+        extra = {} if self._teacher_vectors is None else {
+            "teacher_vectors": self._teacher_vectors(texts).reshape(rows, slots, -1)}
         if self._pack_groups:
             return {**self._pack(token_lists, valid.reshape(-1)), "text_valid": valid,
-                    "text_keys": keys}
+                    "text_keys": keys, **extra}
         if self._length_buckets:
             length = bucket_length(max(map(len, token_lists)), length)
         token_ids = np.full((rows * slots, length), self._tokenizer.pad_id, np.int32)
@@ -186,6 +192,7 @@ class TrainBatches:
             "token_mask": token_mask.reshape(rows, slots, length),
             "text_valid": valid,
             "text_keys": keys,
+            **extra,
         }
 
 

@@ -61,6 +61,7 @@ def contrastive_loss(
     max_scale: float = 100.0,
     row_tile: int | None = None,
     false_negative_margin: float | None = None,
+    hardness_alpha: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
     """In-batch softmax contrastive loss with hard negatives, duplicate masking and Matryoshka.
 
@@ -91,6 +92,9 @@ def contrastive_loss(
       false_negative_margin: when set, a candidate whose cosine exceeds the row's label cosine
         by more than this margin is excluded as a probable false negative (Qwen3-Embedding's
         fake-negative mask); None keeps every candidate.
+      hardness_alpha: hardness weighting of negatives (EmbeddingGemma): each non-label
+        candidate's exp(logit) in a row's softmax denominator is weighted by
+        exp(alpha * stop_gradient(cosine)), i.e. its logit gets + alpha * sg(cosine); 0 is off.
 
     For each size m, embeddings are cut to [..., :m] and L2-normalised; logits are cosine
     similarities times scale, and each direction is a cross-entropy averaged over rows:
@@ -127,7 +131,7 @@ def contrastive_loss(
                           negative_keys)
     scale = jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), math.log(max_scale)))
     options = dict(same_tower=same_tower, row_tile=row_tile,
-                   false_negative_margin=false_negative_margin)
+                   false_negative_margin=false_negative_margin, hardness_alpha=hardness_alpha)
     to_doc_stats = {size: _query_to_doc(size, batch_items, keys, scale, **options)
                     for size in {*sizes, dim}}
     loss = jnp.zeros((), jnp.float32)
@@ -202,7 +206,7 @@ def _no_keys(rows: int) -> Array:
 
 
 def _query_to_doc(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scale, *,
-                  same_tower: bool, row_tile, false_negative_margin):
+                  same_tower: bool, row_tile, false_negative_margin, hardness_alpha):
     """(logsumexp, label logit, max logit), each f32[B], of the query->doc direction at
     Matryoshka size `size`: candidates are the positives (label: the row's own), the hard
     negatives and, with same_tower, the other queries. Key channels (a candidate is excluded when
@@ -220,11 +224,12 @@ def _query_to_doc(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scal
         _l2_normalise(batch_items.queries[:, :size]),
         jnp.concatenate([_l2_normalise(c[:, :size]) for c in candidates]), scale,
         jnp.arange(batch), jnp.stack([keys.positives, keys.queries], axis=1),
-        jnp.concatenate(candidate_keys), jnp.concatenate(valid), row_tile, false_negative_margin)
+        jnp.concatenate(candidate_keys), jnp.concatenate(valid), row_tile, false_negative_margin,
+        hardness_alpha)
 
 
 def _doc_to_query(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scale, *,
-                  same_tower: bool, row_tile, false_negative_margin):
+                  same_tower: bool, row_tile, false_negative_margin, hardness_alpha):
     """The doc->query direction, like `_query_to_doc`: anchors are the positives; candidates the
     queries (label: the row's own) and, with same_tower, the other positives. Key channels:
     (query text, positive text). Hard negatives are never anchors."""
@@ -239,7 +244,7 @@ def _doc_to_query(size: int, batch_items: _BatchItems, keys: _IdentityKeys, scal
         jnp.concatenate([_l2_normalise(c[:, :size]) for c in candidates]), scale,
         jnp.arange(batch), jnp.stack([keys.queries, keys.positives], axis=1),
         jnp.concatenate(candidate_keys), jnp.ones((len(candidates) * batch,), bool), row_tile,
-        false_negative_margin)
+        false_negative_margin, hardness_alpha)
 
 
 def _row_logsumexp_and_label(
@@ -252,6 +257,7 @@ def _row_logsumexp_and_label(
     candidate_valid: Array,
     row_tile: int | None = None,
     false_negative_margin: float | None = None,
+    hardness_alpha: float = 0.0,
 ) -> tuple[Array, Array, Array]:
     """Per-row statistics of the masked logits scale * anchors @ candidates.T.
 
@@ -267,6 +273,8 @@ def _row_logsumexp_and_label(
         backward pass, so at most f32[row_tile, C] logits are alive.
       false_negative_margin: exclude candidates whose logit exceeds the label logit by more than
         scale * margin (None: no such exclusion).
+      hardness_alpha: non-label logits get + alpha * stop_gradient(logit / scale) inside the
+        logsumexp (the max logit is of the unweighted logits).
 
     Returns:
       (logsumexp, label logit, max logit), each f32[R].
@@ -287,7 +295,11 @@ def _row_logsumexp_and_label(
             threshold = jax.lax.stop_gradient(label_logit + scale * false_negative_margin)
             excluded |= logits > threshold[:, None]
         logits = jnp.where(excluded & ~is_label, _MASKED_LOGIT, logits)
-        return jax.nn.logsumexp(logits, axis=1), label_logit, jnp.max(logits, axis=1)
+        weighted = logits
+        if hardness_alpha:
+            weighted = logits + jnp.where(
+                is_label, 0.0, hardness_alpha * jax.lax.stop_gradient(logits / scale))
+        return jax.nn.logsumexp(weighted, axis=1), label_logit, jnp.max(logits, axis=1)
 
     rows = anchors.shape[0]
     if row_tile is None or row_tile >= rows:
