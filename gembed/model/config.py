@@ -10,6 +10,7 @@ import gin
 import jax.numpy as jnp
 
 from gembed.errors import GembedUserError
+from gembed.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
@@ -18,6 +19,7 @@ POSITION_EMBEDDINGS = ("learned", "rope", "none")
 ATTENTION_MASKS = ("bidirectional", "causal")
 POOLINGS = ("mean", "first", "last")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 def _invalid(field: str, value, requirement: str) -> GembedUserError:
@@ -63,6 +65,8 @@ class ModelConfig:
     initial_temperature: float = 0.05  # The `log_scale` param starts at log(1 / initial_temperature).
     dtype: str = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
     dropout_rate: float = 0.0  # After the attention output and the MLP, before the residual add.
+    attention: str = "auto"  # Kernel (gembed.model.attention): auto | xla | cpu | cudnn | splash.
+    remat: str = "none"  # Per-block rematerialisation: none | dots_saveable | full (docs/accelerators.md).
 
     def __post_init__(self):
         if self.output_sizes is not None:
@@ -79,6 +83,8 @@ class ModelConfig:
             ("attention_mask", ATTENTION_MASKS),
             ("pooling", POOLINGS),
             ("dtype", DTYPES),
+            ("attention", ATTENTION_IMPLEMENTATIONS),
+            ("remat", REMAT_POLICIES),
         ):
             value = getattr(self, field)
             if value not in allowed:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from gembed.model.config import ModelConfig
-from gembed.model.softmax_attention import softmax_attention
+from gembed.model.attention import Visibility, attend
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -71,13 +71,11 @@ def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> 
     return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """Which keys each query may see: bool[B, 1, 1, L] (real keys), or bool[B, 1, L, L] (real
-    keys of the query's own segment) for packed rows; mask: bool[B, L]; segment_ids: int32[B, L]."""
-    keys = mask[:, None, None, :]
-    if segment_ids is None:
-        return keys
-    return keys & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> Visibility:
+    """Which keys each query may see: the real keys (mask: bool[B, L]) of the query's own text
+    (segment_ids: int32[B, L], None for one text per row); `Visibility.dense()` is the
+    bool[B, 1, 1 or L, L] form."""
+    return Visibility(mask, segment_ids)
 
 
 class Attention(nn.Module):
@@ -92,7 +90,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
                  cache_index: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; visible: bool[B, 1, 1 or L, L] (`attention_mask`); positions:
+        """x: [B, L, D]; visible: `attention_mask`'s `Visibility`; positions:
         int32[B or 1, L] (RoPE) → [B, L, D]. With `cache_index` (int32 scalar), keys and values
         go through the KV cache and visible is bool[B, 1, L, S] over its slots."""
         config = self.config
@@ -112,7 +110,7 @@ class Attention(nn.Module):
         if cache_index is not None:   # visible already holds the causal mask over cache slots
             key, value = self._through_cache(key, value, cache_index)
             causal = False
-        attended = softmax_attention(query, key, value, visible, is_causal=causal)
+        attended = attend(query, key, value, visible, is_causal=causal, implementation=config.attention)
         attended = attended.reshape(batch, length, heads * head_dim)
         return dense(config, hidden, config.use_bias, "output")(attended)
 
