@@ -62,9 +62,10 @@ class Encoder(nn.Module):
             visible = attention_mask(mask, segment_ids)
         else:
             visible = self._cached_visibility(mask, cache_index)
+        block = TransformerBlock if cache_index is not None else remat_block(config.remat)
         for index in range(config.num_layers):
-            x = TransformerBlock(config, name=f"layer_{index}")(
-                x, visible, positions, deterministic=deterministic, cache_index=cache_index)
+            x = block(config, name=f"layer_{index}")(
+                x, visible, positions, deterministic, cache_index)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
@@ -77,6 +78,21 @@ class Encoder(nn.Module):
         query_slots = cache_index + jnp.arange(mask.shape[1])
         causal = jnp.arange(cached.value.shape[1])[None, :] <= query_slots[:, None]
         return cached.value[:, None, None, :] & causal[None, None]
+
+
+# What the backward pass keeps of each block's forward (the rest is recomputed): everything; the
+# outputs of matmuls without batch dimensions (the dense layers: not the [B, N, L, L] attention
+# scores); only the block's inputs.
+REMAT_POLICIES = {"none": None,
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def remat_block(policy: str) -> type[nn.Module]:
+    """`TransformerBlock`, rematerialised per block under `ModelConfig.remat`'s policy."""
+    if REMAT_POLICIES[policy] is None:
+        return TransformerBlock
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(4,))
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:

@@ -165,9 +165,10 @@ class TransformerBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array, *,
+    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
                  deterministic: bool = True, cache_index: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D]."""
+        """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D].
+        (deterministic is positional for `nn.remat`'s static_argnums.)"""
         config = self.config
         attention = Attention(config, name="attention")
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)
