@@ -108,10 +108,11 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, visible: Visibili
 
 def _splash(query, key, value, segment_ids, is_causal: bool, interpret: bool) -> jax.Array:
     """Splash attention per example and key/value head: query [B, L, N, H], key/value
-    [B, L, K, H], segment_ids int32[B, L]; run per shard under the abstract mesh."""
+    [B, L, K, H], segment_ids int32[B, L]; run per shard under an abstract mesh of auto axes."""
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axis = "data" if "data" in mesh.axis_names else None
-    if mesh.empty or batch_axis is None or query.shape[0] % mesh.shape[batch_axis]:
+    batch_axis = "data" if not mesh.empty and "data" in mesh.axis_names else None
+    if (batch_axis is None or mesh.manual_axes or query.shape[0] % mesh.shape[batch_axis]):
+        # no mesh, or already per device (inside gradient caching's shard_map): call directly
         return _splash_local(query, key, value, segment_ids, is_causal=is_causal,
                              interpret=interpret)
     kv_heads = key.shape[2]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from gembed.errors import GembedUserError
+from gembed.sharding import constrain_rows
 from gembed.model.config import ModelConfig
 from gembed.model.layers import KERNEL_INIT, Norm, TransformerBlock, attention_mask, dense
 
@@ -63,9 +64,10 @@ class Encoder(nn.Module):
         else:
             visible = self._cached_visibility(mask, cache_index)
         block = TransformerBlock if cache_index is not None else remat_block(config.remat)
+        x = constrain_rows(x)
         for index in range(config.num_layers):
-            x = block(config, name=f"layer_{index}")(
-                x, visible, positions, deterministic, cache_index)
+            x = constrain_rows(block(config, name=f"layer_{index}")(
+                x, visible, positions, deterministic, cache_index))
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
