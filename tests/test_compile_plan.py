@@ -39,7 +39,8 @@ def test_base_on_v5e_fits_with_splash_and_attention_memory_is_linear_in_length()
     long, hlo = plan_of(BASE, ["BATCH_SIZE=32", "MAX_LENGTH=4096", "ModelConfig.remat='full'"],
                         "v5e:2x2")
     assert_splash_without_scores(hlo, 4096)
-    growth = long["memory_per_device"]["temporaries"] / short["memory_per_device"]["temporaries"]
+    growth = (long["memory_per_device_bytes"]["temporaries"]
+              / short["memory_per_device_bytes"]["temporaries"])
     assert growth <= 1.5, growth
 
 
@@ -48,7 +49,7 @@ def test_large_at_2048_tokens_on_v5p_fits_with_splash():
     plan, hlo = plan_of(LARGE, ["BATCH_SIZE=64", "MAX_LENGTH=2048", "ModelConfig.remat='full'"],
                         "v5p:2x2x1")
     assert plan["fits"] and plan["attention"] == "splash"
-    assert plan["memory_per_device"]["total"] <= 95 * 2**30
+    assert plan["memory_per_device_bytes"]["total"] <= 95 * 2**30
     assert_splash_without_scores(hlo, 2048)
 
 
@@ -63,9 +64,9 @@ def test_compile_only_on_local_devices_prints_the_plan():
     assert done.returncode == 0, done.stderr[-2000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["attention"] == "cpu" and plan["fits"] is None and plan["devices"] >= 1
-    assert plan["memory_per_device"]["temporaries"] > 0
+    assert plan["memory_per_device_bytes"]["temporaries"] > 0
     tokens = 8 * 2 * 64
-    assert plan["model_flops_per_step"] == pytest.approx(plan["model_flops_per_token"] * tokens)
+    assert plan["flops_per_step"] == pytest.approx(plan["flops_per_token"] * tokens)
 
 
 @pytest.mark.slow
