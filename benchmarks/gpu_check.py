@@ -1,4 +1,4 @@
-"""Device check for a lent GPU (one command, a few minutes): a base-size bfloat16 train step of
+"""Device check for a lent GPU (one command, well under 8 minutes): a base-size bfloat16 train step of
 gembed with packing and the attention `ModelConfig.attention="auto"` picks, against the same step
 in PyTorch (transformers' BERT with SDPA attention, the model sentence-transformers wraps, mean
 pooling and the in-batch-negatives loss, bfloat16 autocast, padded rows as sentence-transformers
@@ -12,7 +12,7 @@ the texts into --length rows; PyTorch pads each side to its longest text. After 
 second over the datasheet bf16 peak of the device (`gembed.flops.datasheet_peak`; on CPU the
 measured float32 matmul rate). Prints one JSON line.
 
-    python benchmarks/gpu_check.py                 # batch 256 x 512 tokens, ~3-6 minutes on an H100
+    python benchmarks/gpu_check.py                 # batch 256 x 512 tokens
     python benchmarks/gpu_check.py --smoke         # tiny sizes; checks the script on a CPU
 """
 from __future__ import annotations
@@ -69,8 +69,8 @@ def time_steps(step, state, batch, warmup: int, steps: int) -> tuple[float, obje
 
 
 def run_gembed(model: ModelConfig, args, lengths) -> dict:
-    train = TrainConfig(batch_size=args.batch_size, max_length=args.length, train_steps=1000,
-                        warmup_steps=10)
+    train = TrainConfig(train_data="synthetic", batch_size=args.batch_size,
+                        max_length=args.length, train_steps=1000, warmup_steps=10)
     stage = StageConfig(train=train, model=model, loss=LossConfig())
     mesh = sharding.make_mesh(1, jax.devices()[:1])
     optimizer = make_optimizer(train)
