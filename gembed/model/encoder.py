@@ -118,16 +118,19 @@ def pool_segments(hidden: jax.Array, mask: jax.Array, segment_ids: jax.Array, po
     """`pool` of packed rows: hidden float32[B, L, D]; mask: bool[B, L]; segment_ids (text index
     in 0..num_texts-1), positions: int32[B, L] → float32[num_texts, D], zeros for an absent text."""
     hidden = hidden.astype(jnp.float32).reshape(-1, hidden.shape[-1])
-    texts = jnp.where(mask, segment_ids, num_texts).reshape(-1)   # padding goes to a dropped row
-    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), texts, num_texts + 1)
+    # padding weighs 0 (no extra "dropped" segment: a [num_texts + 1, D] sum whose slice XLA's TPU
+    # compiler fails to reduce-scatter under FSDP)
+    texts = jnp.where(mask, segment_ids, 0).reshape(-1)
+    real = mask.reshape(-1).astype(jnp.float32)
+    counts = jax.ops.segment_sum(real, texts, num_texts)
     positions = positions.reshape(-1)
     if pooling == "mean":
-        weights = jnp.ones_like(positions, jnp.float32)
+        weights = real
     elif pooling == "first":
-        weights = (positions == 0).astype(jnp.float32)
+        weights = real * (positions == 0)
     else:
-        weights = (positions == counts[texts] - 1).astype(jnp.float32)
-    pooled = jax.ops.segment_sum(hidden * weights[:, None], texts, num_texts + 1)[:num_texts]
+        weights = real * (positions == counts[texts] - 1)
+    pooled = jax.ops.segment_sum(hidden * weights[:, None], texts, num_texts)
     if pooling == "mean":
         pooled = pooled / jnp.maximum(counts[:num_texts, None], 1.0)
     return pooled
