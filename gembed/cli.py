@@ -40,8 +40,22 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.topology and not args.compile_only:
+        raise GembedUserError("--topology applies to --compile_only; add it, or drop --topology.")
+    if args.workdir is None and not args.compile_only:
+        raise GembedUserError("train needs --workdir=DIR (or --compile_only).")
     from gembed import config, train
 
+    if args.compile_only:
+        import json
+
+        from gembed import compile_plan
+
+        config.parse_gin(args.gin_file, args.gin_param)
+        plan, _ = compile_plan.compile_plan(config.build_stage_config(), args.topology)
+        print(json.dumps(plan), flush=True)
+        compile_plan.check_fits(plan, args.gin_file)
+        return
     _initialize_distributed(args)
     config.parse_gin(args.gin_file, args.gin_param)
     train.train(args.workdir, config.build_stage_config())
@@ -260,7 +274,15 @@ def _add_train(commands) -> None:
                        help="gin file; a path or relative to experiments/configs (repeatable)")
     train.add_argument("--gin_param", action="append", default=[],
                        help="a gin binding NAME=VALUE, applied after the files (repeatable)")
-    train.add_argument("--workdir", required=True, help="where checkpoints, logs and config go")
+    train.add_argument("--workdir", help="where checkpoints, logs and config go (required "
+                                          "unless --compile_only)")
+    train.add_argument("--compile_only", action="store_true",
+                       help="compile the train step, print its plan (devices, memory per device "
+                            "against HBM, FLOPs, attention kernel) as one JSON line, train nothing; "
+                            "exit 2 when it exceeds the chip's memory")
+    train.add_argument("--topology",
+                       help="with --compile_only: compile for this TPU topology (v5e:2x2, "
+                            "v5p:2x2x1, v6e:2x2, ...) instead of the local devices (aot extra)")
     train.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-host)")
     train.add_argument("--num_processes", type=int, help="number of processes (multi-host)")
     train.add_argument("--process_id", type=int, help="this process's index (multi-host)")

@@ -60,15 +60,17 @@ class ShardingConfig:
                         f"must be None, {AXES[0]!r}, {AXES[1]!r} or a tuple of them.")
 
 
-def make_mesh(model_parallelism: int = 1) -> Mesh:
-    """A ("data", "model") mesh over all devices of all processes (sharding left to XLA)."""
-    devices = jax.device_count()
+def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default: all devices of all processes; sharding
+    left to XLA)."""
+    device_list = devices
+    devices = jax.device_count() if device_list is None else len(device_list)
     if devices % model_parallelism:
         raise GembedUserError(
             f"ShardingConfig.model_parallelism={model_parallelism} does not divide the "
             f"{devices} devices; use a divisor of {devices}.")
     return jax.make_mesh((devices // model_parallelism, model_parallelism), AXES,
-                         axis_types=(AxisType.Auto, AxisType.Auto))
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=device_list)
 
 
 def leaf_name(path) -> str:
@@ -116,6 +118,17 @@ def put(tree: Any, shardings: Any) -> Any:
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
     return jax.tree.map(place, tree, shardings)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """x with its leading (row) axis split over "data" of the abstract mesh being traced under,
+    so that XLA keeps activations batch-sharded (not split by the FSDP-sharded weights' width);
+    unchanged without such a mesh, inside a shard_map, or when the rows do not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.manual_axes
+            or x.shape[0] % mesh.shape[DATA_AXIS]):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

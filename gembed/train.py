@@ -375,11 +375,18 @@ def pack_groups(config: TrainConfig, mesh) -> int:
 
 
 def jit_train_step(stage: StageConfig, optimizer, mesh, shardings):
-    """The jitted train step of the stage: state donated, shardings explicit."""
+    """The jitted train step of the stage: state donated, shardings explicit, traced under the
+    mesh (kernels such as splash attention run per shard of it)."""
+    step = functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
+                             optimizer=optimizer, schedule=learning_rate_schedule(stage.train),
+                             chunk_size=stage.train.chunk_size, mesh=mesh, lora_config=stage.lora)
+
+    def step_under_mesh(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
     return jax.jit(
-        functools.partial(train_step, model_config=stage.model, loss_config=stage.loss,
-                          optimizer=optimizer, schedule=learning_rate_schedule(stage.train),
-                          chunk_size=stage.train.chunk_size, mesh=mesh, lora_config=stage.lora),
+        step_under_mesh,
         in_shardings=(shardings, sharding.batch_sharded(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)

@@ -328,7 +328,7 @@ def test_softmax_attention_and_its_gradient_match_autodiff_of_jax_attention(is_c
     key, value = (jnp.asarray(rng.standard_normal((2, 8, 2, 8)), jnp.float32) for _ in range(2))
     segment_ids = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2], [3, 3, 3, 3, 3, 4, 4, 4]])
     mask = jnp.arange(8)[None] < jnp.asarray([[8], [5]])
-    visible = attention_mask(mask, segment_ids)
+    visible = attention_mask(mask, segment_ids).dense()
 
     def weighted_sum(attend):
         return jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) * weights),

@@ -10,6 +10,7 @@ import gin
 import jax.numpy as jnp
 
 from gembed.errors import GembedUserError
+from gembed.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
@@ -19,6 +20,7 @@ ATTENTION_MASKS = ("bidirectional", "causal")
 POOLINGS = ("mean", "first", "last")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 def _invalid(field: str, value, requirement: str) -> GembedUserError:
@@ -77,6 +79,8 @@ class ModelConfig:
     initial_temperature: float = 0.05  # The `log_scale` param starts at log(1 / initial_temperature).
     dtype: str = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
     dropout_rate: float = 0.0  # After the attention output and the MLP, before the residual add.
+    attention: str = "auto"  # Kernel (gembed.model.attention): auto | xla | cpu | cudnn | splash.
+    remat: str = "none"  # Per-block rematerialisation: none | dots_saveable | full (docs/accelerators.md).
 
     def __post_init__(self):
         if self.output_sizes is not None:
@@ -95,6 +99,8 @@ class ModelConfig:
             ("pooling", POOLINGS),
             ("rope_scaling", ROPE_SCALINGS),
             ("dtype", DTYPES),
+            ("attention", ATTENTION_IMPLEMENTATIONS),
+            ("remat", REMAT_POLICIES),
         ):
             value = getattr(self, field)
             if value not in allowed:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from gembed.errors import GembedUserError
+from gembed.sharding import constrain_rows
+from gembed.model.attention import Visibility
 from gembed.model.config import ModelConfig
 from gembed.model.layers import (
     KERNEL_INIT,
@@ -76,13 +78,15 @@ class Encoder(nn.Module):
         else:
             visible, key_positions = self._cached_visibility(mask, positions, cache_index)
         if config.local_layers:
-            local_visible = visible & sliding_window_mask(positions, key_positions,
-                                                          config.sliding_window)
+            dense = visible.dense() if isinstance(visible, Visibility) else visible
+            local_visible = dense & sliding_window_mask(positions, key_positions,
+                                                        config.sliding_window)
+        block = TransformerBlock if cache_index is not None else remat_block(config.remat)
+        x = constrain_rows(x)
         for index in range(config.num_layers):
             local = index in config.local_layers
-            x = TransformerBlock(config, local, name=f"layer_{index}")(
-                x, local_visible if local else visible, positions, deterministic=deterministic,
-                cache_index=cache_index)
+            x = constrain_rows(block(config, local, name=f"layer_{index}")(
+                x, local_visible if local else visible, positions, deterministic, cache_index))
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
@@ -101,6 +105,21 @@ class Encoder(nn.Module):
         query_slots = cache_index + jnp.arange(mask.shape[1])
         causal = jnp.arange(cached.value.shape[1])[None, :] <= query_slots[:, None]
         return cached.value[:, None, None, :] & causal[None, None], slot_positions.value
+
+
+# What the backward pass keeps of each block's forward (the rest is recomputed): everything; the
+# outputs of matmuls without batch dimensions (the dense layers: not the [B, N, L, L] attention
+# scores); only the block's inputs.
+REMAT_POLICIES = {"none": None,
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def remat_block(policy: str) -> type[nn.Module]:
+    """`TransformerBlock`, rematerialised per block under `ModelConfig.remat`'s policy."""
+    if REMAT_POLICIES[policy] is None:
+        return TransformerBlock
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[policy], static_argnums=(4,))
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
@@ -125,16 +144,19 @@ def pool_segments(hidden: jax.Array, mask: jax.Array, segment_ids: jax.Array, po
     """`pool` of packed rows: hidden float32[B, L, D]; mask: bool[B, L]; segment_ids (text index
     in 0..num_texts-1), positions: int32[B, L] → float32[num_texts, D], zeros for an absent text."""
     hidden = hidden.astype(jnp.float32).reshape(-1, hidden.shape[-1])
-    texts = jnp.where(mask, segment_ids, num_texts).reshape(-1)   # padding goes to a dropped row
-    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), texts, num_texts + 1)
+    # padding weighs 0 (no extra "dropped" segment: a [num_texts + 1, D] sum whose slice XLA's TPU
+    # compiler fails to reduce-scatter under FSDP)
+    texts = jnp.where(mask, segment_ids, 0).reshape(-1)
+    real = mask.reshape(-1).astype(jnp.float32)
+    counts = jax.ops.segment_sum(real, texts, num_texts)
     positions = positions.reshape(-1)
     if pooling == "mean":
-        weights = jnp.ones_like(positions, jnp.float32)
+        weights = real
     elif pooling == "first":
-        weights = (positions == 0).astype(jnp.float32)
+        weights = real * (positions == 0)
     else:
-        weights = (positions == counts[texts] - 1).astype(jnp.float32)
-    pooled = jax.ops.segment_sum(hidden * weights[:, None], texts, num_texts + 1)[:num_texts]
+        weights = real * (positions == counts[texts] - 1)
+    pooled = jax.ops.segment_sum(hidden * weights[:, None], texts, num_texts)
     if pooling == "mean":
         pooled = pooled / jnp.maximum(counts[:num_texts, None], 1.0)
     return pooled

@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 
 from gembed.model.config import ModelConfig
-from gembed.model.softmax_attention import softmax_attention
+from gembed.model.attention import Visibility, attend
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -100,13 +100,11 @@ def apply_rotary_embedding(x: jax.Array, positions: jax.Array,
     return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """Which keys each query may see: bool[B, 1, 1, L] (real keys), or bool[B, 1, L, L] (real
-    keys of the query's own segment) for packed rows; mask: bool[B, L]; segment_ids: int32[B, L]."""
-    keys = mask[:, None, None, :]
-    if segment_ids is None:
-        return keys
-    return keys & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+def attention_mask(mask: jax.Array, segment_ids: jax.Array | None) -> Visibility:
+    """Which keys each query may see: the real keys (mask: bool[B, L]) of the query's own text
+    (segment_ids: int32[B, L], None for one text per row); `Visibility.dense()` is the
+    bool[B, 1, 1 or L, L] form."""
+    return Visibility(mask, segment_ids)
 
 
 def sliding_window_mask(query_positions: jax.Array, key_positions: jax.Array,
@@ -133,7 +131,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
                  cache_index: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; visible: bool[B, 1, 1 or L, L] (`attention_mask`); positions:
+        """x: [B, L, D]; visible: `attention_mask`'s `Visibility`; positions:
         int32[B or 1, L] (RoPE) → [B, L, D]. With `cache_index` (int32 scalar), keys and values
         go through the KV cache and visible is bool[B, 1, L, S] over its slots."""
         config = self.config
@@ -158,8 +156,8 @@ class Attention(nn.Module):
             key, value = self._through_cache(key, value, cache_index)
             causal = False
         scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
-        attended = softmax_attention(query, key, value, visible, is_causal=causal, scale=scale,
-                                     logit_softcap=config.attention_logit_softcap)
+        attended = attend(query, key, value, visible, is_causal=causal, implementation=config.attention,
+                          scale=scale, logit_softcap=config.attention_logit_softcap)
         attended = attended.reshape(batch, length, heads * head_dim)
         return dense(config, hidden, config.use_bias, "output")(attended)
 
@@ -219,9 +217,10 @@ class TransformerBlock(nn.Module):
     local: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array, *,
+    def __call__(self, x: jax.Array, visible: jax.Array, positions: jax.Array,
                  deterministic: bool = True, cache_index: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D]."""
+        """x: [B, L, D]; visible, positions, cache_index: see `Attention` → [B, L, D].
+        (deterministic is positional for `nn.remat`'s static_argnums.)"""
         config = self.config
         attention = Attention(config, self.local, name="attention")
         dropout = nn.Dropout(config.dropout_rate, deterministic=deterministic)

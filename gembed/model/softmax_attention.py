@@ -11,8 +11,11 @@ checks outputs and gradients against it.
 
 Gemma 2's soft-capped logits (c·tanh(logits / c)) take plain autodiff of the reference formula.
 
-Shapes: B batch, L sequence length, N query heads, K key/value heads (N a multiple of K), H
-head_dim. Logits, softmax and its gradient are float32; the matmul inputs are in the inputs' dtype.
+Grouped-query attention groups the queries, [B, L, K, G, H] with G = N/K (query head n uses
+key/value head n // G), so keys and values are never repeated.
+
+Shapes: B batch, T queries, S keys, N query heads, K key/value heads (N a multiple of K), G = N/K,
+H head_dim. Logits, softmax and its gradient are float32; matmul inputs are in the inputs' dtype.
 """
 import functools
 
@@ -27,27 +30,26 @@ MASKED_LOGIT = -1e30   # finite: a query with no visible key attends uniformly i
 def softmax_attention(query: jax.Array, key: jax.Array, value: jax.Array, visible: jax.Array,
                       is_causal: bool = False, scale: float | None = None,
                       logit_softcap: float | None = None) -> jax.Array:
-    """query: [B, L, N, H]; key, value: [B, L, K, H]; visible: bool[B, 1, 1 or L, L] (which keys
-    each query sees) → [B, L, N, H]; logits scaled by `scale` (None: 1/sqrt(H)), then soft-capped
+    """query: [B, T, N, H]; key, value: [B, S, K, H]; visible: bool[B, 1, 1 or T, S] (which keys
+    each query sees) → [B, T, N, H]; logits scaled by `scale` (None: 1/sqrt(H)), then soft-capped
     to (-logit_softcap, logit_softcap) when that is set."""
-    heads, kv_heads = query.shape[2], key.shape[2]
-    if heads != kv_heads:
-        key = jnp.repeat(key, heads // kv_heads, axis=2)
-        value = jnp.repeat(value, heads // kv_heads, axis=2)
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
     if is_causal:
-        length = query.shape[1]
-        visible = visible & jnp.tril(jnp.ones((length, length), bool))
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+        visible = visible & jnp.tril(jnp.ones((length, key.shape[1]), bool))
+    scale = head_dim ** -0.5 if scale is None else scale
+    grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     if logit_softcap is not None:
-        probabilities = _probabilities(query, key, visible, scale, logit_softcap)
-        return jnp.einsum("bnqk,bknh->bqnh", probabilities.astype(value.dtype), value)
-    return _attention(query, key, value, visible, scale)
+        probabilities = _probabilities(grouped, key, visible[:, :, None], scale, logit_softcap)
+        return jnp.einsum("bkgts,bskh->btkgh", probabilities.astype(value.dtype),
+                          value).reshape(query.shape)
+    return _attention(grouped, key, value, visible[:, :, None], scale).reshape(query.shape)
 
 
 def _probabilities(query: jax.Array, key: jax.Array, visible: jax.Array, scale: float,
                    logit_softcap: float | None = None) -> jax.Array:
-    """float32[B, N, L, L] softmax over the visible keys of the scaled (soft-capped) logits."""
-    logits = jnp.einsum("bqnh,bknh->bnqk", query, key, preferred_element_type=jnp.float32) * scale
+    """float32[B, K, G, T, S] softmax over the visible keys of the scaled (soft-capped) logits."""
+    logits = jnp.einsum("btkgh,bskh->bkgts", query, key, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     logits = jnp.where(visible, logits, MASKED_LOGIT)
@@ -56,28 +58,34 @@ def _probabilities(query: jax.Array, key: jax.Array, visible: jax.Array, scale: 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(query, key, value, visible, scale):
+    """query [B, T, K, G, H]; key, value [B, S, K, H]; visible bool[B, 1, 1, 1 or T, S]."""
+    batch, length, kv_heads, group, head_dim = query.shape
+    flat = query.reshape(batch, length, kv_heads * group, head_dim)
     if jax.default_backend() == "cpu" and key.shape[1] >= KEY_BLOCK:
-        return blocked_attention(query, key, value, visible, scale)
-    return jax.nn.dot_product_attention(query, key, value, mask=visible, scale=scale)
+        output = blocked_attention(flat, jnp.repeat(key, group, axis=2),
+                                   jnp.repeat(value, group, axis=2), visible[:, :, 0], scale)
+    else:
+        output = jax.nn.dot_product_attention(flat, key, value, mask=visible[:, :, 0], scale=scale)
+    return output.reshape(query.shape)
 
 
 def _attention_forward(query, key, value, visible, scale):
     probabilities = _probabilities(query, key, visible, scale)
-    output = jnp.einsum("bnqk,bknh->bqnh", probabilities.astype(value.dtype), value)
+    output = jnp.einsum("bkgts,bskh->btkgh", probabilities.astype(value.dtype), value)
     return output, (query, key, value, visible, probabilities, output)
 
 
 def _attention_backward(scale, residuals, output_grad):
     query, key, value, visible, probabilities, output = residuals
-    probabilities_grad = jnp.einsum("bqnh,bknh->bnqk", output_grad, value,
+    probabilities_grad = jnp.einsum("btkgh,bskh->bkgts", output_grad, value,
                                     preferred_element_type=jnp.float32)
-    row_dot = jnp.einsum("bqnh,bqnh->bnq", output_grad.astype(jnp.float32),
+    row_dot = jnp.einsum("btkgh,btkgh->bkgt", output_grad.astype(jnp.float32),
                          output.astype(jnp.float32))
     logits_grad = jnp.where(visible, probabilities * (probabilities_grad - row_dot[..., None]), 0.0)
     logits_grad = (logits_grad * scale).astype(query.dtype)
-    query_grad = jnp.einsum("bnqk,bknh->bqnh", logits_grad, key)
-    key_grad = jnp.einsum("bnqk,bqnh->bknh", logits_grad, query)
-    value_grad = jnp.einsum("bnqk,bqnh->bknh", probabilities.astype(output_grad.dtype), output_grad)
+    query_grad = jnp.einsum("bkgts,bskh->btkgh", logits_grad, key)
+    key_grad = jnp.einsum("bkgts,btkgh->bskh", logits_grad, query)
+    value_grad = jnp.einsum("bkgts,btkgh->bskh", probabilities.astype(output_grad.dtype), output_grad)
     return query_grad, key_grad, value_grad, None
 
 
