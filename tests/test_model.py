@@ -353,7 +353,7 @@ def test_blocked_attention_matches_jax_attention(batch, length):
     lengths = rng.integers(1, length + 1, batch)
     mask = jnp.arange(length)[None] < jnp.asarray(lengths)[:, None]
     segment_ids = jnp.asarray(np.arange(length)[None] // 37 + np.arange(batch)[:, None] * 10)
-    visible = attention_mask(mask, segment_ids)
+    visible = attention_mask(mask, segment_ids).dense()
     causal = visible & jnp.tril(jnp.ones((length, length), bool))
     for mask_of_keys in (visible, causal):
         np.testing.assert_allclose(
