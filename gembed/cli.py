@@ -503,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     xla_cpu_flags.apply()
+    xla_cpu_flags.pin_cpu_platform()
     compilation_cache.enable()
     try:
         args = build_parser().parse_args(argv)

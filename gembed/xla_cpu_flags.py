@@ -58,3 +58,14 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
             flags = f"{flags} --{name}={value}".strip()
     environ["XLA_FLAGS"] = flags
     return True
+
+
+def pin_cpu_platform(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Sets JAX_PLATFORMS=cpu when JAX will run on the CPU anyway (`runs_on_cpu`) and the user set
+    no JAX_PLATFORMS, so an installed libtpu without chips (the `[aot]` extra) is not probed at
+    startup: that probe prints libtpu warnings when another process holds libtpu. Compile-only TPU
+    plans still load libtpu through `jax.experimental.topologies`. Returns whether it set it."""
+    if environ.get("JAX_PLATFORMS") or not runs_on_cpu(environ):
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True

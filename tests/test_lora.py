@@ -343,4 +343,6 @@ def test_lora_on_two_hosts_with_fsdp_and_gradient_caching_matches_one_process(ti
                                [m["loss"] for m in read_metrics(one)], rtol=1e-5)
     two = trained_tree(tiny_base / "two_hosts")
     for name, value in trained_tree(one).items():
-        np.testing.assert_allclose(two[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+        # Adam at lr 1e-2 turns float-rounding differences of near-zero gradients into
+        # differences of up to a few 1e-6 (one element of 256 here)
+        np.testing.assert_allclose(two[name], value, rtol=1e-4, atol=1e-5, err_msg=name)

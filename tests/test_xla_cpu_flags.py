@@ -33,3 +33,14 @@ def test_no_flags_for_untested_jaxlib_other_platforms_or_opt_out(monkeypatch):
     monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "99.0")
     environ = {"JAX_PLATFORMS": "cpu"}
     assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ
+
+
+def test_cpu_platform_is_pinned_only_when_jax_runs_on_the_cpu_and_the_user_chose_nothing(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags, "runs_on_cpu", lambda environ: True)
+    environ = {}
+    assert xla_cpu_flags.pin_cpu_platform(environ) and environ == {"JAX_PLATFORMS": "cpu"}
+    chosen = {"JAX_PLATFORMS": "tpu,cpu"}
+    assert not xla_cpu_flags.pin_cpu_platform(chosen) and chosen == {"JAX_PLATFORMS": "tpu,cpu"}
+    monkeypatch.setattr(xla_cpu_flags, "runs_on_cpu", lambda environ: False)
+    environ = {}
+    assert not xla_cpu_flags.pin_cpu_platform(environ) and environ == {}

@@ -61,7 +61,8 @@ def _attention(query, key, value, visible, scale):
     """query [B, T, K, G, H]; key, value [B, S, K, H]; visible bool[B, 1, 1, 1 or T, S]."""
     batch, length, kv_heads, group, head_dim = query.shape
     flat = query.reshape(batch, length, kv_heads * group, head_dim)
-    if jax.default_backend() == "cpu" and key.shape[1] >= KEY_BLOCK:
+    if (jax.default_backend() == "cpu" and key.shape[1] >= KEY_BLOCK
+            and not jax.sharding.get_abstract_mesh().manual_axes):   # not inside a shard_map
         output = blocked_attention(flat, jnp.repeat(key, group, axis=2),
                                    jnp.repeat(value, group, axis=2), visible[:, :, 0], scale)
     else:
