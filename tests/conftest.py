@@ -6,7 +6,7 @@ gin-configurable dataclasses would otherwise pick them up in later, unrelated te
 import gin
 import pytest
 
-from gembed import compilation_cache
+from gembed import compilation_cache, xla_cpu_flags
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +20,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU (deselect with "
                                        "-m 'not slow')")
     compilation_cache.enable()   # compiled fixtures are reused by later test sessions
+    # as the CLI does: no libtpu probe at JAX's start (the [aot] extra installs libtpu, and the
+    # probe aborts or prints warnings in subprocesses while this process holds libtpu)
+    xla_cpu_flags.pin_cpu_platform()
