@@ -35,6 +35,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         raise GembedUserError("--coordinator_address needs --num_processes and --process_id too.")
     if jax.config.jax_platforms in (None, "", "cpu") and explicit:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        compilation_cache.disable_for_cpu_collectives()
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
 
