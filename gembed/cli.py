@@ -219,6 +219,21 @@ def _encode_output(output: str) -> pathlib.Path:
     return path
 
 
+def cmd_curate_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from gembed import config, sharding
+    from gembed.curate.scoring_plan import scoring_plan
+
+    config.parse_gin(args.gin_file, args.gin_param)
+    layout = sharding.ShardingConfig()
+    print(json.dumps(scoring_plan(args.llm, batch_size=args.batch_size,
+                                  max_text_tokens=args.max_text_tokens, dtype=args.dtype,
+                                  topology=args.topology,
+                                  model_parallelism=layout.model_parallelism,
+                                  param_rules=layout.param_rules)))
+
+
 def cmd_curate(args: argparse.Namespace) -> None:
     from gembed import curate
     from gembed.curate.progress import sidecar_paths
@@ -439,6 +454,22 @@ def _add_curate(commands) -> None:
     helps = {"synthesize": "synthetic queries for passages, rated by the LLM",
              "filter": "drop (query, positive) pairs the LLM grades irrelevant",
              "negatives": "hard negatives: a first model's neighbours the LLM judges irrelevant"}
+    plan = stages.add_parser("plan", help="compile the LLM judge's scoring call from the "
+                                          "decoder's config.json alone and print its memory plan")
+    plan.add_argument("--llm", required=True, help="a decoder folder with config.json (weights "
+                                                   "not needed)")
+    plan.add_argument("--topology", help="compile for this TPU topology (e.g. v5e:2x2; the aot "
+                                         "extra) instead of the local devices")
+    plan.add_argument("--batch_size", type=int, default=8, help="rows per LLM call")
+    plan.add_argument("--max_text_tokens", type=int, default=256,
+                      help="texts are cut to this many tokens inside prompts")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                      help="LLM compute dtype")
+    plan.add_argument("--gin_file", action="append", default=[],
+                      help="gin file binding ShardingConfig, e.g. sharding/fsdp.gin")
+    plan.add_argument("--gin_param", action="append", default=[],
+                      help="a binding, e.g. ShardingConfig.model_parallelism=4")
+    plan.set_defaults(run=cmd_curate_plan)
     for stage, text in helps.items():
         flags = stages.add_parser(stage, help=text)
         flags.add_argument("--llm", required=True,

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import scipy.special
 
 import gembed
@@ -280,3 +281,16 @@ def test_user_errors_are_one_line(llm_folder, pairs, tmp_path, capsys):
         assert cli.main(["curate", "filter", *flags, *common]) == 2
         err = capsys.readouterr().err
         assert err.startswith("gembed: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_scoring_plan_counts_the_weights_and_the_batch(llm_folder, capsys):
+    """`gembed curate plan` on the local CPU: the planned arguments are exactly the float32 weights
+    of the folder's safetensors file plus the int32 ids and bool mask of one batch."""
+    assert cli.main(["curate", "plan", f"--llm={llm_folder}", "--batch_size=4",
+                     "--max_text_tokens=16", "--dtype=float32"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    weights = safetensors.numpy.load_file(str(llm_folder / "model.safetensors"))
+    parameters = sum(w.size for w in weights.values())
+    length = 2 * 16 + 64
+    assert plan["parameters"] == parameters and plan["batch"] == [4, length]
+    assert plan["memory_per_device_bytes"]["arguments"] == 4 * parameters + 4 * length * (4 + 1)

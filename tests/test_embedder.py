@@ -45,6 +45,7 @@ def test_plan_covers_every_text_once_within_the_budget(tokens_per_call):
     assert longest == sorted(longest)   # calls go up in length
 
 
+@pytest.mark.slow
 def test_encode_gives_each_text_its_alone_embedding(embedder):
     texts = [e.positive[:200] for e in load_builtin("stdlib_code", "test")[:40]] + ["x", "a b"]
     module = EmbeddingModel(embedder.model_config)

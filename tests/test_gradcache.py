@@ -169,6 +169,7 @@ def test_cached_step_equals_plain_step_on_8_devices_in_process():
     assert_same_step(dataclasses.replace(case, batch=case.batch * 8), sharding.make_mesh())
 
 
+@pytest.mark.slow
 def test_cached_step_equals_plain_step_on_8_devices():
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"

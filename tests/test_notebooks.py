@@ -77,6 +77,7 @@ def count_images(notebook) -> int:
                for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
 
 
+@pytest.mark.slow
 def test_quickstart(executed):
     notebook, report = result(executed, "quickstart.ipynb")
     assert report["python"] == sys.executable
@@ -87,6 +88,7 @@ def test_quickstart(executed):
         assert row[top[0]] == pytest.approx(max(row), abs=1e-5)   # the search's best is the row's max
 
 
+@pytest.mark.slow
 def test_train_and_soup(executed):
     notebook, report = result(executed, "train_and_soup.ipynb")
     assert count_images(notebook) >= 2
@@ -100,6 +102,7 @@ def test_train_and_soup(executed):
     assert greedy["score"] >= max(ingredient["score"] for ingredient in greedy["ingredients"])
 
 
+@pytest.mark.slow
 def test_matryoshka_and_export(executed):
     notebook, report = result(executed, "matryoshka_and_export.ipynb")
     assert count_images(notebook) >= 1

@@ -95,6 +95,7 @@ def test_loss_falls_temperature_moves_and_retrieval_improves(corpus, reference_r
     assert any((reference_run / "tb").iterdir())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(corpus, reference_run):
     """Killed after step 30 of 80, resumed from its last checkpoint: the 80 steps repeat the
     reference run's first 80 (params and data order)."""
@@ -134,6 +135,7 @@ def eight_device_run(corpus):
     return workdir
 
 
+@pytest.mark.slow
 def test_eight_devices_with_fsdp_and_gradient_caching_match_one_device(reference_run, eight_device_run):
     eight = np.array([m["loss"] for m in read_metrics(eight_device_run)])
     one = np.array([m["loss"] for m in read_metrics(reference_run)])[:len(eight)]
@@ -166,6 +168,7 @@ def run_two_processes(args):
         assert process.returncode == 0, stderr[-5000:]
 
 
+@pytest.mark.slow
 def test_two_hosts_of_four_devices_match_eight_devices_and_resume(corpus, eight_device_run):
     """30 steps, pure data parallel over 2 processes, equal the 1-process FSDP run on 8 devices;
     both processes then resume from a checkpoint they wrote together and repeat the run exactly."""
