@@ -223,15 +223,15 @@ def cmd_curate_plan(args: argparse.Namespace) -> None:
     import json
 
     from gembed import config, sharding
-    from gembed.curate.scoring_plan import scoring_plan
+    from gembed.curate.scoring_plan import check_fits, scoring_plan
 
     config.parse_gin(args.gin_file, args.gin_param)
     layout = sharding.ShardingConfig()
-    print(json.dumps(scoring_plan(args.llm, batch_size=args.batch_size,
-                                  max_text_tokens=args.max_text_tokens, dtype=args.dtype,
-                                  topology=args.topology,
-                                  model_parallelism=layout.model_parallelism,
-                                  param_rules=layout.param_rules)))
+    plan = scoring_plan(args.llm, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens,
+                        dtype=args.dtype, topology=args.topology,
+                        model_parallelism=layout.model_parallelism, param_rules=layout.param_rules)
+    print(json.dumps(plan), flush=True)
+    check_fits(plan)
 
 
 def cmd_curate(args: argparse.Namespace) -> None:

@@ -120,7 +120,7 @@ def compile_plan(stage: StageConfig, topology: str | None = None) -> tuple[dict,
     except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses plans over HBM itself
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        compiled, planned = None, _refused_plan(str(e))
+        compiled, planned = None, refused_plan(str(e))
         hbm = hbm or planned.pop("hbm")
     seconds = time.perf_counter() - start
     model = stage.model
@@ -144,7 +144,7 @@ def compile_plan(stage: StageConfig, topology: str | None = None) -> tuple[dict,
     return plan, compiled
 
 
-def _refused_plan(message: str) -> dict:
+def refused_plan(message: str) -> dict:
     """The memory a compiler's RESOURCE_EXHAUSTED message states ("... temporaries (45.23G) exceeds
     available HBM (15.75G)"): temporaries and total (arguments unknown), bytes."""
     sizes = [float(value) * {"K": 2**10, "M": 2**20, "G": GIB}[unit]

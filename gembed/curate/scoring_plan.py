@@ -59,6 +59,18 @@ def abstract_params(model: ModelConfig, tied: bool) -> dict:
                         jax.eval_shape(init))
 
 
+def check_fits(plan: dict) -> None:
+    """Raises the user error of a scoring plan over its device's HBM."""
+    if plan["fits"] is not False:
+        return
+    total, hbm = ((plan["memory_per_device_bytes"]["total"] or 0) / compile_plan.GIB,
+                  (plan["device_memory_bytes"] or 0) / compile_plan.GIB)
+    raise GembedUserError(
+        f"{plan['llm']}: one scoring call plans {total:.1f} GiB per device but a "
+        f"{plan['device_kind']} has {hbm:.1f} GiB; lower --batch_size or --max_text_tokens, shard "
+        f"the LLM (--gin_file=sharding/fsdp.gin), or use more devices.")
+
+
 def scoring_plan(folder: str | pathlib.Path, *, batch_size: int, max_text_tokens: int, dtype: str,
                  topology: str | None, model_parallelism: int, param_rules) -> dict:
     """The JSON-ready plan of one scoring call (see the module docstring)."""
@@ -77,19 +89,28 @@ def scoring_plan(folder: str | pathlib.Path, *, batch_size: int, max_text_tokens
     token_ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_, sharding=rows)
     start = time.perf_counter()
-    compiled = generation.continuation_log_probs.lower(
-        params, token_ids, mask, config=model, continuation_slots=length // 2).compile()
-    memory = compiled.memory_analysis()
-    planned = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
-               "temporaries": memory.temp_size_in_bytes}
-    planned["total"] = sum(planned.values())
+    lowered = generation.continuation_log_probs.lower(
+        params, token_ids, mask, config=model, continuation_slots=length // 2)
     hbm = compile_plan.hbm_bytes(devices[0])
+    try:
+        memory = lowered.compile().memory_analysis()
+        planned = {"arguments": memory.argument_size_in_bytes,
+                   "outputs": memory.output_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+        planned["total"] = sum(planned.values())
+        fits = None if hbm is None else bool(planned["total"] <= hbm)
+    except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses plans over HBM itself
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        planned, fits = compile_plan.refused_plan(str(e)), False
+        hbm = hbm or planned.pop("hbm")
+        planned.pop("hbm", None)
+        planned.pop("aliased", None)
     parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
     return {
         "llm": str(folder), "parameters": parameters, "layers": model.num_layers,
         "devices": len(devices), "device_kind": devices[0].device_kind, "topology": topology,
         "mesh": dict(mesh.shape), "batch": [batch_size, length], "dtype": dtype,
         "memory_per_device_bytes": planned, "device_memory_bytes": hbm,
-        "fits": None if hbm is None else bool(planned["total"] <= hbm),
+        "fits": fits,
         "compile_seconds": round(time.perf_counter() - start, 2),
     }
