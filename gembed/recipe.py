@@ -9,7 +9,9 @@ mining/soup/export/eval folder is redone from scratch):
                       the tokenizer when there is none); left out when prefinetune_gin_files is empty
     mining            `gembed mine` with the strongest model so far (the prefinetuned one, else
                       `init_from`): DIR/mining/mined.jsonl, which finetune runs read as the macro
-                      MINED_DATA; left out when `mining` is None
+                      MINED_DATA; left out when `mining` is None. With `Mining.judge` (an LLM
+                      folder) the negatives are LLM-judged (`gembed curate negatives`), and a
+                      killed stage resumes where the LLM stopped
     teacher_vectors   with `teacher`: the teacher's vectors of the finetune data, cached in
                       DIR/teacher_vectors (`gembed.teacher_cache`) and read by every finetune run
     <run name> ...    one `gembed train` per `finetune_runs` entry, from DIR/prefinetune (or
@@ -38,11 +40,13 @@ from typing import Any, Callable, Sequence
 import gin
 
 from gembed import config, encode_speed, teacher_cache, train
+from gembed.curate.negatives import llm_negatives
 from gembed.data import load_builtin, load_examples, write_jsonl
 from gembed.errors import GembedUserError
 from gembed.evaluation import tasks
 from gembed.evaluation.bm25 import BM25
 from gembed.export import export
+from gembed.llm import load_language_model
 from gembed.mining import mine_hard_negatives
 from gembed.soup import make_soup
 
@@ -72,6 +76,14 @@ class Mining:
     absolute_margin: float | None = None
     max_length: int = 128       # tokens per text while mining
     seed: int = 0
+    # With an LLM decoder folder as `judge`, the negatives are `gembed curate negatives`'s instead:
+    # the model's top `judge_candidates` neighbours, scored by the LLM under the two prompts, fused
+    # by RRF, the lowest kept (the window, sampling and margins above are then unused).
+    judge: str | None = None
+    judge_candidates: int = 10
+    judge_batch_size: int = 8   # rows per LLM call
+    judge_dtype: str = "float32"
+    judge_max_text_tokens: int = 256
 
 
 @gin.configurable
@@ -253,17 +265,28 @@ class Runner:
             embedder = teacher_cache.load_model(model)
             embedder.max_length = mining.max_length
             examples = load_examples(mining.data, split="train")
+            path.mkdir(parents=True, exist_ok=True)
+            if mining.judge is not None:
+                llm = load_language_model(mining.judge, dtype=mining.judge_dtype,
+                                          batch_size=mining.judge_batch_size)
+                counts = llm_negatives(llm, embedder, examples, path / MINED_FILE,
+                                       num_candidates=mining.judge_candidates,
+                                       num_negatives=mining.num_negatives,
+                                       max_text_tokens=mining.judge_max_text_tokens)
+                self.log(f"gembed run: mining: {counts['negatives']} LLM-judged negatives for "
+                         f"{counts['examples']} examples ({counts['short']} got fewer than "
+                         f"{mining.num_negatives})")
+                return
             mined, stats = mine_hard_negatives(
                 embedder, examples, num_negatives=mining.num_negatives, range_min=mining.range_min,
                 range_max=mining.range_max, sampling=mining.sampling,
                 relative_margin=mining.relative_margin, absolute_margin=mining.absolute_margin,
                 seed=mining.seed)
-            path.mkdir(parents=True, exist_ok=True)
             write_jsonl(path / MINED_FILE, mined)
             self.log(f"gembed run: mining: {stats.negatives} negatives for {len(mined)} examples "
                      f"({stats.queries_short_of_negatives} got fewer than {mining.num_negatives})")
 
-        return self.stage("mining", spec, run)
+        return self.stage("mining", spec, run, resumable=mining.judge is not None)
 
     def seconds(self, stage: str) -> float | None:
         marker = self.workdir / STAGES_DIR / f"{stage}.json"

@@ -34,6 +34,7 @@ from gembed.data.tokenizer import SentencePieceTokenizer
 from gembed.llm import load_language_model
 from gembed.model import ModelConfig, init_params
 from gembed.model_folder import write_model_folder
+from gembed.recipe import MINED_FILE, Mining, Recipe, Runner
 
 TEXT_TOKENS = 24   # --max_text_tokens: short prompts keep the tests fast
 
@@ -294,3 +295,19 @@ def test_scoring_plan_counts_the_weights_and_the_batch(llm_folder, capsys):
     length = 2 * 16 + 64
     assert plan["parameters"] == parameters and plan["batch"] == [4, length]
     assert plan["memory_per_device_bytes"]["arguments"] == 4 * parameters + 4 * length * (4 + 1)
+
+
+@pytest.mark.slow   # ranx's numba compilation, and an LLM pass
+def test_recipe_mining_stage_with_an_llm_judge_writes_what_curate_negatives_writes(
+        llm_folder, embedder_folder, pairs, tmp_path):
+    examples = pairs[:8]
+    write_jsonl(tmp_path / "pairs.jsonl", examples)
+    mining = Mining(data=str(tmp_path / "pairs.jsonl"), num_negatives=2, max_length=64,
+                    judge=str(llm_folder), judge_candidates=4, judge_max_text_tokens=TEXT_TOKENS)
+    mined = Runner(Recipe(mining=mining), tmp_path / "run", log=lambda _: None).mine(
+        str(embedder_folder)) / MINED_FILE
+    assert cli.main(["curate", "negatives", f"--llm={llm_folder}", f"--model={embedder_folder}",
+                     f"--input={tmp_path / 'pairs.jsonl'}", f"--output={tmp_path / 'cli.jsonl'}",
+                     "--candidates=4", "--num_negatives=2", f"--max_text_tokens={TEXT_TOKENS}"]) == 0
+    assert read_jsonl(mined) == read_jsonl(tmp_path / "cli.jsonl")
+    assert all(e.positive not in e.negatives and len(e.negatives) == 2 for e in read_jsonl(mined))
