@@ -118,9 +118,9 @@ def provenance(path: pathlib.Path, eval_results: str | pathlib.Path | None) -> M
 
 def _macros(config: str) -> dict[str, str]:
     """The contract macros and the mixture's datasets ("TRAIN_DATA (NAME)") bound in an
-    operative config.gin."""
+    operative config.gin (gin wraps a long binding as `NAME = \\` and the value on the next line)."""
     found = {}
-    for line in config.splitlines():
+    for line in re.sub(r"\\\n\s*", "", config).splitlines():
         match = re.fullmatch(r"([A-Z][A-Z0-9_]*) = (.+)", line.strip())
         if match and match.group(1) in SUMMARY_MACROS:
             found[match.group(1)] = match.group(2)
