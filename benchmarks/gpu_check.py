@@ -18,12 +18,10 @@ measured float32 matmul rate). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gembed import flops, sharding
