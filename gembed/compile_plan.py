@@ -108,20 +108,7 @@ def compile_plan(stage: StageConfig, topology: str | None = None) -> tuple[dict,
     start = time.perf_counter()
     lowered = jit_train_step(stage, optimizer, mesh, shardings).lower(state, batch)
     device = devices[0]
-    hbm = hbm_bytes(device)
-    try:
-        compiled = lowered.compile()
-        memory = compiled.memory_analysis()
-        planned = {"arguments": memory.argument_size_in_bytes,
-                   "outputs": memory.output_size_in_bytes,
-                   "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
-        planned["total"] = (planned["arguments"] + planned["outputs"] + planned["temporaries"]
-                            - planned["aliased"])
-    except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses plans over HBM itself
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled, planned = None, refused_plan(str(e))
-        hbm = hbm or planned.pop("hbm")
+    compiled, planned, hbm, fits = memory_plan(lowered, device)
     seconds = time.perf_counter() - start
     model = stage.model
     texts = config.batch_size * (FIRST_NEGATIVE_SLOT + config.num_hard_negatives)
@@ -135,13 +122,33 @@ def compile_plan(stage: StageConfig, topology: str | None = None) -> tuple[dict,
                                        model.effective_head_dim, config.max_length),
         "remat": model.remat, "dtype": model.dtype,
         "memory_per_device_bytes": planned, "device_memory_bytes": hbm,
-        "fits": (False if compiled is None else None if hbm is None
-                 else bool(planned["total"] <= hbm)),
+        "fits": fits,
         "flops_per_step": step_flops,
         "flops_per_token": step_flops / (texts * config.max_length),
         "compile_seconds": round(seconds, 2),
     }
     return plan, compiled
+
+
+def memory_plan(lowered, device) -> tuple[object | None, dict, int | None, bool | None]:
+    """Compiles `lowered` for `device`: (the compiled executable, None when the compiler refused
+    it; memory per device in bytes: arguments, outputs, temporaries, aliased, total = arguments +
+    outputs + temporaries - aliased; the device's HBM; whether total fits it, None if unknown)."""
+    hbm = hbm_bytes(device)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses plans over HBM itself
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        planned = refused_plan(str(e))
+        stated_hbm = planned.pop("hbm")
+        return None, planned, hbm or stated_hbm, False
+    memory = compiled.memory_analysis()
+    planned = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+               "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
+    planned["total"] = (planned["arguments"] + planned["outputs"] + planned["temporaries"]
+                        - planned["aliased"])
+    return compiled, planned, hbm, None if hbm is None else bool(planned["total"] <= hbm)
 
 
 def refused_plan(message: str) -> dict:

@@ -6,8 +6,8 @@ longer of the two judge prompts: the graded-relevance prompt forms logits at one
 one batch of `batch_size` rows of `length` tokens, params in the compute dtype and placed by the
 `ShardingConfig.param_rules` the curate command was given, rows split over the mesh's "data"
 axis as `LanguageModel` splits them. A row holds the prompt template, a passage and a query of
-up to `max_text_tokens` each: length = 2 * max_text_tokens + TEMPLATE_TOKENS. Memory is XLA's plan per device (bytes), as in
-`gembed.compile_plan`.
+up to `max_text_tokens` each: length = 2 * max_text_tokens + TEMPLATE_TOKENS. Memory is XLA's
+plan per device (bytes), from `gembed.compile_plan.memory_plan`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def decoder_config(folder: pathlib.Path, dtype: str) -> tuple[ModelConfig, bool]
     """(the causal ModelConfig of `folder`/config.json, whether the LM head is tied)."""
     where = folder / "config.json"
     if not where.is_file():
-        raise GembedUserError(f"{where}: missing; --compile_only needs the decoder's config.json.")
+        raise GembedUserError(f"{where}: missing; `gembed curate plan` needs the decoder's config.json.")
     config = read_json(where)
     model_type = config.get("model_type")
     if model_type not in TIED_BY_DEFAULT:
@@ -91,26 +91,12 @@ def scoring_plan(folder: str | pathlib.Path, *, batch_size: int, max_text_tokens
     start = time.perf_counter()
     lowered = generation.continuation_log_probs.lower(
         params, token_ids, mask, config=model, continuation_slots=length // 2)
-    hbm = compile_plan.hbm_bytes(devices[0])
-    try:
-        memory = lowered.compile().memory_analysis()
-        planned = {"arguments": memory.argument_size_in_bytes,
-                   "outputs": memory.output_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
-        planned["total"] = sum(planned.values())
-        fits = None if hbm is None else bool(planned["total"] <= hbm)
-    except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses plans over HBM itself
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        planned, fits = compile_plan.refused_plan(str(e)), False
-        hbm = hbm or planned.pop("hbm")
-        planned.pop("hbm", None)
-        planned.pop("aliased", None)
+    _, planned, hbm, fits = compile_plan.memory_plan(lowered, devices[0])
     parameters = sum(leaf.size for leaf in jax.tree.leaves(params))
     return {
         "llm": str(folder), "parameters": parameters, "layers": model.num_layers,
         "devices": len(devices), "device_kind": devices[0].device_kind, "topology": topology,
         "mesh": dict(mesh.shape), "batch": [batch_size, length], "dtype": dtype,
-        "memory_per_device_bytes": planned, "device_memory_bytes": hbm,
-        "fits": fits,
+        "memory_per_device_bytes": planned, "device_memory_bytes": hbm, "fits": fits,
         "compile_seconds": round(time.perf_counter() - start, 2),
     }
