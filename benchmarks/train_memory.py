@@ -26,6 +26,9 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, mlp
 
 
 def worker(args) -> None:
+    from gembed import xla_cpu_flags
+
+    xla_cpu_flags.apply()   # the XLA:CPU settings the gembed command runs with
     from gpu_check import run_gembed
 
     from gembed.model import ModelConfig

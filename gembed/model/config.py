@@ -80,7 +80,7 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
     dropout_rate: float = 0.0  # After the attention output and the MLP, before the residual add.
     attention: str = "auto"  # Kernel (gembed.model.attention): auto | xla | cpu | cudnn | splash.
-    remat: str = "none"  # Per-block rematerialisation: none | dots_saveable | full (docs/accelerators.md).
+    remat: str = "dots_saveable"  # Per-block rematerialisation: none | dots_saveable | full (docs/accelerators.md).
 
     def __post_init__(self):
         if self.output_sizes is not None:

@@ -33,6 +33,7 @@ from gembed.model.layers import (
     dense,
     sliding_window_mask,
 )
+from gembed.model.ordered_backward import call_in_order
 
 
 def embed(config: ModelConfig, name: str, num_embeddings: int) -> nn.Embed:
@@ -81,12 +82,20 @@ class Encoder(nn.Module):
             dense = visible.dense() if isinstance(visible, Visibility) else visible
             local_visible = dense & sliding_window_mask(positions, key_positions,
                                                         config.sliding_window)
-        block = TransformerBlock if cache_index is not None else remat_block(config.remat)
         x = constrain_rows(x)
         for index in range(config.num_layers):
             local = index in config.local_layers
-            x = constrain_rows(block(config, local, name=f"layer_{index}")(
-                x, local_visible if local else visible, positions, deterministic, cache_index))
+            layer_visible = local_visible if local else visible
+            if cache_index is not None:
+                x = TransformerBlock(config, local, name=f"layer_{index}")(
+                    x, layer_visible, positions, deterministic, cache_index)
+            elif deterministic or config.dropout_rate == 0.0:
+                x = call_in_order(remat_block(config.remat)(config, local, name=f"layer_{index}"),
+                                  x, layer_visible, positions, deterministic)
+            else:   # flax's dropout keys cannot cross call_in_order's custom_vjp inside a scan
+                x = remat_block(config.remat)(config, local, name=f"layer_{index}")(
+                    x, layer_visible, positions, deterministic)
+            x = constrain_rows(x)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
         return x.astype(jnp.float32)
