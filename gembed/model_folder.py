@@ -39,6 +39,7 @@ CONFIG_FILE = "gembed_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAKE_ONE = "create it with `gembed import` or `gembed export`"
 TRAINING_FIELDS = ("dtype", "dropout_rate", "output_sizes")  # a finetuning stage may choose these
+EXECUTION_FIELDS = ("attention", "remat")  # how a stage computes, never from the folder
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 
@@ -171,19 +172,25 @@ def finetune_model_config(folder_config: ModelConfig, bindings: dict[str, Any],
                           folder: str | os.PathLike) -> ModelConfig:
     """The architecture of a stage whose INIT_FROM is a model folder or CKPT: its own.
 
-    Of the gin `bindings` of ModelConfig, only the TRAINING_FIELDS (compute dtype, dropout,
-    Matryoshka output sizes) apply; any other binding must agree with the folder, so a model gin
-    file that contradicts the folder fails loudly instead of silently losing.
+    Of the gin `bindings` of ModelConfig, the TRAINING_FIELDS (compute dtype, dropout, Matryoshka
+    output sizes) apply; the EXECUTION_FIELDS (attention kernel, rematerialisation), which change
+    how the stage computes but not its values, are the stage's (its binding or ModelConfig's
+    default), whatever the folder recorded; any other binding must agree with the folder, so a
+    model gin file that contradicts the folder fails loudly instead of silently losing.
     """
+    execution = {field.name: bindings.get(field.name, field.default)
+                 for field in dataclasses.fields(ModelConfig) if field.name in EXECUTION_FIELDS}
     for field, value in sorted(bindings.items()):
         value = tuple(value) if isinstance(value, list) else value
-        if field not in TRAINING_FIELDS and value != getattr(folder_config, field):
+        if (field not in TRAINING_FIELDS + EXECUTION_FIELDS
+                and value != getattr(folder_config, field)):
             raise GembedUserError(
                 f"{folder}: INIT_FROM has ModelConfig.{field}="
                 f"{getattr(folder_config, field)!r} but the gin config binds {value!r}; the "
                 f"INIT_FROM architecture is used, so drop that binding (or the model gin file).")
     return dataclasses.replace(
-        folder_config, **{field: bindings[field] for field in TRAINING_FIELDS if field in bindings})
+        folder_config, **execution,
+        **{field: bindings[field] for field in TRAINING_FIELDS if field in bindings})
 
 
 def read_weights(weights_path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from gembed import cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.errors import GembedUserError
 from gembed.model import Encoder, ModelConfig, init_params
-from gembed.model_folder import read_model_folder, write_model_folder
+from gembed.model_folder import finetune_model_config, read_model_folder, write_model_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -392,7 +392,9 @@ def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(be
     assert cli.main([*args, f"--workdir={tmp_path / 'run'}"]) == 0
     folder = read_model_folder(model_dir)
     saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
-    assert saved == json.loads((model_dir / "gembed_config.json").read_text())["model"]
+    architecture = json.loads((model_dir / "gembed_config.json").read_text())["model"]
+    assert saved == {**architecture, "attention": ModelConfig().attention,   # the stage's own
+                     "remat": ModelConfig().remat}
     assert (tmp_path / "run" / "tokenizer.json").is_file()
     finetuned = gembed.load(tmp_path / "run")
     assert finetuned.tokenizer.encode(TEXTS, 8) == folder.tokenizer.encode(TEXTS, 8)
@@ -403,6 +405,19 @@ def test_init_from_model_folder_finetunes_with_its_architecture_and_tokenizer(be
     status, err = run_cli(["train", "--gin_file=model/tiny.gin", *args[1:],
                            f"--workdir={tmp_path / 'contradicts'}"], capsys)
     assert status == 2 and "INIT_FROM has ModelConfig." in err
+
+
+def test_a_finetuning_stage_computes_its_own_way_on_the_folders_architecture():
+    folder = ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64,
+                         remat="none", attention="xla")
+    stage = finetune_model_config(folder, {}, "F")
+    assert (stage.remat, stage.attention) == (ModelConfig().remat, ModelConfig().attention)
+    assert stage.hidden_size == 32
+    stage = finetune_model_config(folder, {"remat": "full", "attention": "cpu", "dtype": "bfloat16"},
+                                  "F")
+    assert (stage.remat, stage.attention, stage.dtype) == ("full", "cpu", "bfloat16")
+    with pytest.raises(GembedUserError, match="INIT_FROM has ModelConfig.hidden_size=32"):
+        finetune_model_config(folder, {"hidden_size": 64}, "F")
 
 
 # ---------------------------------------------------------------------------------------------
