@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gembed.model.encoder as encoder
+from gembed import compile_plan
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 from gembed.model.ordered_backward import after
 
@@ -76,3 +77,14 @@ def test_after_keeps_values_and_ignores_non_floats():
     tied = jax.jit(after)(x, anchors)
     np.testing.assert_array_equal(tied["a"], x["a"])
     assert tied["b"].dtype == jnp.int32 and np.array_equal(tied["b"], x["b"])
+
+
+def test_after_is_an_optimization_barrier_when_compiling_for_tpu():
+    pytest.importorskip("libtpu", reason="the aot extra (libtpu) is not installed")
+    devices = np.asarray(compile_plan.topology_devices("v5e:2x2"))
+    mesh = jax.sharding.Mesh(devices.reshape(4), ("data",))
+    x, anchors = jnp.ones(3), jnp.ones(2)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        tpu = jax.jit(after).lower(x, anchors).as_text()
+    cpu = jax.jit(after).lower(x, anchors).as_text()
+    assert "optimization_barrier" in tpu and "optimization_barrier" not in cpu

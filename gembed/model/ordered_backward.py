@@ -4,14 +4,15 @@ pass reaches the block below it, so each block's activations are freed in turn.
 A jitted train step is one graph, and XLA orders it as it likes. XLA:CPU defers each block's weight
 gradients (activationsᵀ · cotangent, read only by the optimizer) to the end of the backward pass,
 and under rematerialisation it recomputes every block's forward pass at the start: either way the
-activations of all blocks are alive at once. `jax.lax.optimization_barrier` would pin the order, but
-XLA:CPU removes barriers before it schedules, so the order is made a data dependency instead:
-  - a block's input cotangent carries a zero computed from all its param cotangents, so the block
-    below starts its backward only once they exist;
-  - the block's saved forward values carry a zero computed from the block's output cotangent, so
-    nothing of its backward (nor, under rematerialisation, its recomputation) is moved earlier.
-Each zero is `0 * Σ max|leaf|`: a max of absolute values cannot be folded into the matmul or sum
-that makes a leaf, so the leaf is computed in full first. Values are unchanged: x + 0 = x (a
+activations of all blocks are alive at once. Two orderings fix this:
+  - a block's input cotangent waits for all its param cotangents, so the block below starts its
+    backward only once they exist;
+  - the block's saved forward values wait for its output cotangent, so nothing of its backward
+    (nor, under rematerialisation, its recomputation) is moved earlier.
+On GPU and TPU, `jax.lax.optimization_barrier` says "waits for". XLA:CPU removes barriers before
+it schedules, so there the wait is a data dependency: a zero `0 * Σ max|leaf|` of the awaited
+leaves added to the waiting ones (a max of absolute values cannot be folded into the matmul or sum
+that makes a leaf, so the leaf is computed in full first). Values are unchanged: x + 0 = x (a
 non-finite cotangent makes them NaN, and the step is then reported non-finite anyway).
 
 The encoder calls blocks this way except with dropout on (flax's dropout keys would leak out of
@@ -26,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gembed.model.attention import current_platform
+
 
 def _is_float(leaf: jax.Array) -> bool:
     return jnp.issubdtype(leaf.dtype, jnp.floating)
@@ -33,7 +36,9 @@ def _is_float(leaf: jax.Array) -> bool:
 
 def after(tree: Any, anchors: Any) -> Any:
     """`tree`, values unchanged, its float leaves computable only once every float leaf of
-    `anchors` is."""
+    `anchors` is (module docstring: a barrier, or on CPU a data dependency)."""
+    if current_platform() != "cpu":
+        return jax.lax.optimization_barrier((tree, anchors))[0]
     zero = sum(jnp.max(jnp.abs(leaf)).astype(jnp.float32)
                for leaf in jax.tree_util.tree_leaves(anchors) if _is_float(leaf) and leaf.size)
     zero = zero * 0.0
