@@ -89,12 +89,12 @@ class Encoder(nn.Module):
             if cache_index is not None:
                 x = TransformerBlock(config, local, name=f"layer_{index}")(
                     x, layer_visible, positions, deterministic, cache_index)
-            elif deterministic or config.dropout_rate == 0.0:
-                x = call_in_order(remat_block(config.remat)(config, local, name=f"layer_{index}"),
-                                  x, layer_visible, positions, deterministic)
-            else:   # flax's dropout keys cannot cross call_in_order's custom_vjp inside a scan
-                x = remat_block(config.remat)(config, local, name=f"layer_{index}")(
-                    x, layer_visible, positions, deterministic)
+            else:
+                block = remat_block(config.remat)(config, local, name=f"layer_{index}")
+                if deterministic or config.dropout_rate == 0.0:
+                    x = call_in_order(block, x, layer_visible, positions, deterministic)
+                else:   # flax's dropout keys cannot cross call_in_order's custom_vjp in a scan
+                    x = block(x, layer_visible, positions, deterministic)
             x = constrain_rows(x)
         if config.final_norm:
             x = Norm(config, name="final_norm")(x)
