@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training workdir, and finding the params of any CKPT a user names.
 
 Layout: DIR/checkpoints/<step>/{params,opt_state,loop}. Writes are atomic (orbax writes a temporary
-folder and renames it), so a process killed mid-save leaves the previous checkpoints loadable.
+folder and renames it) and so are removals of old steps (renamed into DIR/checkpoints/.deleting,
+emptied later), so a process killed at any moment leaves every step folder whole. A Ctrl-C during
+the part of a save that runs on the main thread is held until that part ends.
 Everywhere a CKPT is asked for, a training workdir (its latest step) or one step folder is accepted.
 """
 from __future__ import annotations
@@ -10,6 +12,9 @@ import contextlib
 import dataclasses
 import logging
 import pathlib
+import shutil
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -19,6 +24,7 @@ from jax.experimental import multihost_utils
 from gembed.errors import GembedUserError
 
 ITEMS = ("params", "opt_state", "loop")
+DELETING_DIR = ".deleting"   # old steps are renamed here (atomic), then removed
 SKIPPED_DIR = "skipped_checkpoints"   # damaged checkpoints a resume moved out of checkpoints/
 
 
@@ -65,18 +71,76 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).resolve() / "checkpoints"
 
 
+@contextlib.contextmanager
+def _deferred_interrupts(interrupted: bool = False):
+    """A first Ctrl-C inside the block takes effect when the block ends, a second one at once
+    (`interrupted`: the first came before the block).
+
+    Orbax runs part of a save on the main thread (an asyncio loop, thread starts, the wait for the
+    previous save); a KeyboardInterrupt raised in there left the save hung, aborted the process, or
+    was swallowed so that training went on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = [signal.SIGINT] if interrupted else []
+
+    def hold(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and not interrupted:
+        signal.raise_signal(signal.SIGINT)   # delivered to the usual handler now
+
+
 def open_manager(workdir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """The workdir's manager, keeping the `keep` newest steps."""
+    """The workdir's manager, keeping the `keep` newest steps (removing older ones atomically)."""
     with _quiet_read_only():
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               read_only=read_only)
-        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            todelete_subdir=None if read_only else DELETING_DIR)
+        manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                        item_names=ITEMS)
+    if not read_only:
+        _empty_deleting(manager)   # what a killed run left there
+    return manager
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
-    """Starts an asynchronous save of the `ITEMS` of `state` at `step`."""
-    manager.save(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardSave(state[name]) for name in ITEMS}))
+    """Starts an asynchronous save of the `ITEMS` of `state` at `step` (after the previous save
+    and its removal of old steps have finished)."""
+    with _deferred_interrupts():
+        manager.save(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardSave(state[name]) for name in ITEMS}))
+    _empty_deleting(manager)
+
+
+def finish(manager: ocp.CheckpointManager, interrupted: bool = False) -> None:
+    """Waits for the save in flight (if any) and its removal of old steps, then closes; after a
+    Ctrl-C (`interrupted`), another one abandons the wait."""
+    with _deferred_interrupts(interrupted):
+        manager.wait_until_finished()
+        manager.close()
+    _empty_deleting(manager, remove_folder=True)
+
+
+def _empty_deleting(manager: ocp.CheckpointManager, remove_folder: bool = False) -> None:
+    """Removes the old steps renamed into DELETING_DIR (process 0; a partial removal is harmless:
+    nothing reads that folder); the folder itself only when no save is in flight to rename into it."""
+    deleting = pathlib.Path(str(manager.directory)) / DELETING_DIR
+    if jax.process_index() != 0 or not deleting.is_dir():
+        return
+    for old in deleting.iterdir():
+        shutil.rmtree(old, ignore_errors=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            deleting.rmdir()
 
 
 def save_params(workdir: str | pathlib.Path, step: int, params: Any) -> CheckpointRef:

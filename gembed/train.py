@@ -452,17 +452,14 @@ def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool
     except KeyboardInterrupt:
         try:   # the save in flight (if any) finishes and is kept: seconds
             with checkpoint.quiet_interrupts():
-                manager.wait_until_finished()
-                manager.close()
-        except BaseException:   # a second Ctrl-C, or the first one broke the save: abandon it
+                checkpoint.finish(manager, interrupted=True)
+        except BaseException:   # a second Ctrl-C, or the save failed: abandon it
             _silence_background_threads()
         raise
     except BaseException:
-        manager.wait_until_finished()   # the checkpoints saved before the error are kept
-        manager.close()
+        checkpoint.finish(manager)   # the checkpoints saved before the error are kept
         raise
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.finish(manager)
     return last
 
 

@@ -15,6 +15,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from collections.abc import MutableMapping
 
 TUNED_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_dot"}
@@ -63,9 +64,13 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
 def pin_cpu_platform(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Sets JAX_PLATFORMS=cpu when JAX will run on the CPU anyway (`runs_on_cpu`) and the user set
     no JAX_PLATFORMS, so an installed libtpu without chips (the `[aot]` extra) is not probed at
-    startup: that probe prints libtpu warnings when another process holds libtpu. Compile-only TPU
-    plans still load libtpu through `jax.experimental.topologies`. Returns whether it set it."""
+    startup: that probe prints libtpu warnings. Compile-only TPU plans still load libtpu through
+    `jax.experimental.topologies`. JAX reads the variable when it is imported, so for os.environ
+    its setting is updated too (it has effect until the first backend starts). Returns whether it
+    set it."""
     if environ.get("JAX_PLATFORMS") or not runs_on_cpu(environ):
         return False
     environ["JAX_PLATFORMS"] = "cpu"
+    if environ is os.environ and "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
     return True

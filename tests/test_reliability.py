@@ -320,3 +320,41 @@ def test_ctrl_c_during_saves_prints_one_line_and_keeps_whole_checkpoints(corpus,
     assert stderr.strip().splitlines() == ["gembed: interrupted; checkpoints written so far are kept."]
     steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and all(all_finite(raw_params(p)) for p in steps)
+
+
+class _SaveWithCtrlC:
+    """Stands in for orbax's main-thread part of a save, with `presses` Ctrl-Cs in its middle."""
+
+    def __init__(self, presses: int):
+        self.presses, self.completed = presses, False
+
+    def save(self, step, args):
+        for _ in range(self.presses):
+            signal.raise_signal(signal.SIGINT)
+        self.completed = True
+
+
+@pytest.mark.parametrize("presses, completed", [(1, True), (2, False)])
+def test_ctrl_c_inside_a_save_waits_for_it_and_a_second_one_does_not(presses, completed):
+    manager = _SaveWithCtrlC(presses)
+    manager.directory = "/nonexistent"   # nothing to empty
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(manager, 1, {name: {} for name in checkpoint.ITEMS})
+    assert manager.completed is completed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_old_steps_leave_by_one_rename_so_a_kill_never_leaves_part_of_one(tmp_path, monkeypatch):
+    state = {"params": {"w": jax.numpy.ones(3)}, "opt_state": {"m": jax.numpy.zeros(3)},
+             "loop": {"step": jax.numpy.int32(0)}}
+    steps = tmp_path / "checkpoints"
+    manager = checkpoint.open_manager(tmp_path, keep=1)
+    with monkeypatch.context() as killed:   # the process dies before it empties .deleting
+        killed.setattr(checkpoint, "_empty_deleting", lambda *args, **kwargs: None)
+        for step in (1, 2):
+            checkpoint.save(manager, step, state)
+        manager.wait_until_finished()
+    assert sorted(p.name for p in steps.iterdir()) == [checkpoint.DELETING_DIR, "2"]
+    assert np.array_equal(raw_params(steps / checkpoint.DELETING_DIR / "1")["w"], np.ones(3))
+    checkpoint.finish(checkpoint.open_manager(tmp_path, keep=1))   # the next run empties it
+    assert sorted(p.name for p in steps.iterdir()) == ["2"]

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gembed import xla_cpu_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
@@ -44,3 +46,16 @@ def test_cpu_platform_is_pinned_only_when_jax_runs_on_the_cpu_and_the_user_chose
     monkeypatch.setattr(xla_cpu_flags, "runs_on_cpu", lambda environ: False)
     environ = {}
     assert not xla_cpu_flags.pin_cpu_platform(environ) and environ == {}
+
+
+def test_the_cli_pin_keeps_libtpu_unloaded_though_jax_was_imported_first():
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if not xla_cpu_flags.runs_on_cpu(env):
+        pytest.skip("JAX runs on an accelerator here: nothing is pinned")
+    script = ("import jax, gembed.cli; from gembed import xla_cpu_flags; "
+              "pinned = xla_cpu_flags.pin_cpu_platform(); platform = jax.devices()[0].platform; "
+              "print(pinned, platform, 'libtpu' in open('/proc/self/maps').read())")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["True", "cpu", "False"]
+    assert "TPU" not in out.stderr
