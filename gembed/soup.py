@@ -138,18 +138,22 @@ class Scorer:
 
 
 def uniform_soup(ingredients: Ingredients, scorer: Scorer | None = None):
-    """(flat mean of every ingredient, per-ingredient scores (None without a scorer), kept)."""
+    """(flat mean of every ingredient, per-ingredient scores, kept, the soup's score); scores are
+    None without a scorer."""
     total = RunningSum()
     scores = []
     for index in range(len(ingredients.refs)):
         flat = ingredients.load(index)
         scores.append(scorer(flat) if scorer is not None else None)
         total.add(flat)
-    return total.mean(), scores, list(range(len(ingredients.refs)))
+    mean = total.mean()
+    return (mean, scores, list(range(len(ingredients.refs))),
+            scorer(mean) if scorer is not None else None)
 
 
 def greedy_soup(ingredients: Ingredients, scorer: Scorer, log=None):
-    """(flat mean of the kept ingredients, per-ingredient scores, kept indices in order added)."""
+    """(flat mean of the kept ingredients, per-ingredient scores, kept indices in order added,
+    the soup's score: the last accepted candidate's, computed on the same float64 mean)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     scores = [scorer(ingredients.load(index)) for index in range(len(ingredients.refs))]
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -165,7 +169,7 @@ def greedy_soup(ingredients: Ingredients, scorer: Scorer, log=None):
             total.add(candidate)
             kept.append(index)
             best = score
-    return total.mean(), scores, kept
+    return total.mean(), scores, kept, best
 
 
 def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLike,
@@ -185,10 +189,9 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
     scorer = (Scorer(ingredients.refs[0], eval_task, data_dir, batch_size, max_length)
               if eval_task else None)
     if method == "greedy":
-        mean, scores, kept = greedy_soup(ingredients, scorer)
+        mean, scores, kept, soup_score = greedy_soup(ingredients, scorer)
     else:
-        mean, scores, kept = uniform_soup(ingredients, scorer)
-    soup_score = scorer(mean) if scorer is not None else None
+        mean, scores, kept, soup_score = uniform_soup(ingredients, scorer)
     record = {
         "method": method,
         "eval_task": eval_task,

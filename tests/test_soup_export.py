@@ -20,6 +20,7 @@ import gembed
 from gembed import checkpoint, cli
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.errors import GembedUserError
+from gembed.evaluation import tasks
 from gembed.model import ModelConfig, init_params
 from gembed.model_folder import read_weights
 from gembed.recipe import train_stage
@@ -137,6 +138,9 @@ def test_greedy_soup_keeps_the_best_ingredient_first(corpus, tmp_path):
     scores = {i["checkpoint"]: i["score"] for i in record["ingredients"]}
     assert record["kept"][0] == max(scores, key=scores.get)
     assert record["score"] >= max(scores.values())
+    # the recorded score is the one the choice was made on; the written soup, loaded, scores it
+    loaded = tasks.evaluate(gembed.load(tmp_path / "g"), ["stdlib_code"], log=lambda _: None)
+    assert loaded["stdlib_code"]["main_score"] == pytest.approx(record["score"], abs=1e-4)
 
 
 def test_mismatched_soups_exit_2_naming_param_or_tokenizer(corpus, tmp_path, capsys):
