@@ -83,19 +83,20 @@ def _deferred_interrupts(interrupted: bool = False):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = [signal.SIGINT] if interrupted else []
+    pressed = interrupted
 
     def hold(signum, frame):
-        if received:
+        nonlocal pressed
+        if pressed:
             raise KeyboardInterrupt
-        received.append(signum)
+        pressed = True
 
     previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received and not interrupted:
+    if pressed and not interrupted:
         signal.raise_signal(signal.SIGINT)   # delivered to the usual handler now
 
 

@@ -325,6 +325,8 @@ def test_ctrl_c_during_saves_prints_one_line_and_keeps_whole_checkpoints(corpus,
 class _SaveWithCtrlC:
     """Stands in for orbax's main-thread part of a save, with `presses` Ctrl-Cs in its middle."""
 
+    directory = "/nonexistent"   # no DELETING_DIR to empty
+
     def __init__(self, presses: int):
         self.presses, self.completed = presses, False
 
@@ -337,7 +339,6 @@ class _SaveWithCtrlC:
 @pytest.mark.parametrize("presses, completed", [(1, True), (2, False)])
 def test_ctrl_c_inside_a_save_waits_for_it_and_a_second_one_does_not(presses, completed):
     manager = _SaveWithCtrlC(presses)
-    manager.directory = "/nonexistent"   # nothing to empty
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(manager, 1, {name: {} for name in checkpoint.ITEMS})
     assert manager.completed is completed

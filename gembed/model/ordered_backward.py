@@ -39,9 +39,9 @@ def after(tree: Any, anchors: Any) -> Any:
     `anchors` is (module docstring: a barrier, or on CPU a data dependency)."""
     if current_platform() != "cpu":
         return jax.lax.optimization_barrier((tree, anchors))[0]
-    zero = sum(jnp.max(jnp.abs(leaf)).astype(jnp.float32)
-               for leaf in jax.tree_util.tree_leaves(anchors) if _is_float(leaf) and leaf.size)
-    zero = zero * 0.0
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(anchors) if _is_float(leaf) and leaf.size]
+    zero = 0.0 * sum((jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in leaves),
+                     jnp.zeros((), jnp.float32))
     return jax.tree_util.tree_map(
         lambda leaf: leaf + zero.astype(leaf.dtype) if _is_float(leaf) else leaf, tree)
 
