@@ -15,7 +15,7 @@ one JSON line:
   padding_fraction      share of the computed tokens that are padding, as each library pads
   compiled_shapes       distinct [rows, length] shapes of gembed's calls
   mfu                   model FLOPs (gembed.flops.forward_flops of the real tokens) per second
-                        over the device peak (a measured float32 matmul rate on CPU)
+                        over the device peak (on CPU a measured matmul rate, gembed.flops)
   warmup_seconds, peak_rss_mb, machine (load average at the end)
 
     HF_HUB_OFFLINE=1 python benchmarks/encode_throughput.py    # about 5 minutes on 2 CPU cores

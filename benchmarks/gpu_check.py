@@ -10,7 +10,7 @@ post-norm, learned positions) from random init on the same synthetic pairs: --ba
 the texts into --length rows; PyTorch pads each side to its longest text. After --warmup steps,
 --steps steps are timed. MFU = model FLOPs (`gembed.flops.train_flops`, real tokens only) per
 second over the datasheet bf16 peak of the device (`gembed.flops.datasheet_peak`; on CPU the
-measured float32 matmul rate). Prints one JSON line.
+measured matmul rate, `gembed.flops.measured_matmul_peak`). Prints one JSON line.
 
     python benchmarks/gpu_check.py                 # batch 256 x 512 tokens
     python benchmarks/gpu_check.py --smoke         # tiny sizes; checks the script on a CPU

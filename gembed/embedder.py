@@ -10,6 +10,7 @@ call i+1 while the device computes call i. An `Embedder` is built from a model f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, NamedTuple, Sequence
@@ -84,10 +85,14 @@ class Embedder(MtebEncoderMixin):
         self._embed = _embed_function(model_config)
 
     @classmethod
-    def of(cls, model) -> "Embedder":
-        """The Embedder of a read model: a `ModelFolder` or a `workdir.CheckpointModel`."""
-        return cls(model.model_config, jax.device_put(model.params), model.tokenizer,
-                   model.max_length, model.task_prompts)
+    def of(cls, model, matmul_precision: str | None = None) -> "Embedder":
+        """The Embedder of a read model: a `ModelFolder` or a `workdir.CheckpointModel`, computing
+        with `matmul_precision` (None: the model config's)."""
+        config = model.model_config
+        if matmul_precision is not None:
+            config = dataclasses.replace(config, matmul_precision=matmul_precision)
+        return cls(config, jax.device_put(model.params), model.tokenizer, model.max_length,
+                   model.task_prompts)
 
     @property
     def embedding_size(self) -> int:

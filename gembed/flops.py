@@ -5,8 +5,9 @@ every real token, and attention (QK^T and PV) over each text's own tokens. Paddi
 masked attention, norms, activations and the embedding lookups are not counted. A training step
 is 3x its forward pass (the backward pass takes two matmuls per forward matmul).
 
-The peak is the datasheet dense bfloat16 peak for accelerators, and on CPU a measured float32
-matmul rate (the best of a few timed 1536x1536 matmuls), since CPU datasheets rarely state one.
+The peak is the datasheet dense bfloat16 peak for accelerators, and on CPU a measured matmul rate
+(the best of a few timed 1536x1536 matmuls; bfloat16 inputs with float32 sums on CPUs with
+bfloat16 dot instructions, else float32), since CPU datasheets rarely state one.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gembed.model import ModelConfig
+from gembed.xla_cpu_flags import cpu_multiplies_bfloat16
 
 # Dense bfloat16 FLOP/s per device, from the vendors' datasheets: the first key that is a
 # substring of `device_kind` wins (JAX calls v5e "TPU v5 lite" and v5p "TPU v5").
@@ -64,10 +66,16 @@ def train_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> flo
     return 3.0 * forward_flops(config, lengths)
 
 
+def cpu_peak_input_dtype() -> jnp.dtype:
+    """The matmul input dtype of the CPU's peak: bfloat16 where it multiplies it natively."""
+    return jnp.dtype(jnp.bfloat16 if cpu_multiplies_bfloat16() else jnp.float32)
+
+
 def measured_matmul_peak(size: int = 1536, repeats: int = 4) -> float:
-    """FLOP/s of the fastest of `repeats` float32 [size, size] matmuls on the default device."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
+    """FLOP/s of the fastest of `repeats` [size, size] matmuls on the default device, inputs of
+    `cpu_peak_input_dtype()`, float32 sums."""
+    a = jnp.ones((size, size), cpu_peak_input_dtype())
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -89,7 +97,8 @@ def device_peak() -> tuple[float, str]:
     peak = datasheet_peak(kind)
     if peak is not None:
         return peak, f"datasheet bf16 dense ({kind})"
-    return measured_matmul_peak(), f"measured float32 1536x1536 matmul ({kind})"
+    return (measured_matmul_peak(),
+            f"measured {cpu_peak_input_dtype().name} 1536x1536 matmul ({kind})")
 
 
 @functools.cache

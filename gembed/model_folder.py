@@ -39,7 +39,7 @@ CONFIG_FILE = "gembed_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MAKE_ONE = "create it with `gembed import` or `gembed export`"
 TRAINING_FIELDS = ("dtype", "dropout_rate", "output_sizes")  # a finetuning stage may choose these
-EXECUTION_FIELDS = ("attention", "remat")  # how a stage computes, never from the folder
+EXECUTION_FIELDS = ("attention", "remat", "matmul_precision")  # how a stage computes, never from the folder
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 

@@ -1,26 +1,48 @@
-"""XLA:CPU settings the `gembed` command runs with (importing gembed sets nothing).
+"""XLA:CPU settings the `gembed` command runs with (importing gembed sets nothing), and the host
+CPU features they and `gembed.model.matmul_precision` depend on.
 
+On CPUs without bfloat16 dot instructions, where matmuls run in float32,
 `--xla_cpu_experimental_ynn_fusion_type=-individual_dot` hands plain and batched matmuls to XLA's
-Eigen kernels instead of YNNPACK, which made MiniLM's training step and encode faster on the
-project's 2-core AVX2 machine (README, "Speed"); the other YNNPACK fusions stay on. It is an
-experimental flag, and XLA aborts on flags it does not know, so it is added only for the jaxlib
-versions it was tested with, only when JAX will run on the CPU, never over a flag the user set, and
-not at all with GEMBED_XLA_CPU_TUNING=0. XLA reads XLA_FLAGS when its first backend starts: the CLI
-calls `apply` before any JAX computation. From Python, call `gembed.xla_cpu_flags.apply()` before
-the first JAX computation to get the same setting.
+Eigen kernels instead of YNNPACK, which made MiniLM's training step and encode faster on a 2-core
+AVX2 machine (README, "Speed"). On CPUs with them (AVX512-BF16, AMX-BF16) the matmuls take
+bfloat16 inputs (`ModelConfig.matmul_precision="auto"`), which YNNPACK runs fast and Eigen does not,
+so nothing is added there. It is an experimental flag, and XLA aborts on flags it does not know, so
+it is added only for the jaxlib versions it was tested with, only when JAX will run on the CPU,
+never over a flag the user set, and not at all with GEMBED_XLA_CPU_TUNING=0. XLA reads XLA_FLAGS
+when its first backend starts: the CLI calls `apply` before any JAX computation. From Python, call
+`gembed.xla_cpu_flags.apply()` before the first JAX computation to get the same setting.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import sys
 from collections.abc import MutableMapping
 
 TUNED_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_dot"}
 TESTED_JAXLIB_VERSIONS = ("0.10.2",)
 OPT_OUT = "GEMBED_XLA_CPU_TUNING"
+
+
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = pathlib.Path("/proc/cpuinfo")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this host's CPU has bfloat16 dot-product instructions (Linux /proc/cpuinfo flags;
+    False where that file is missing)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return any(flag in flags for flag in NATIVE_BFLOAT16_CPU_FLAGS)
 
 
 def tpu_chips_attached() -> bool:
@@ -51,7 +73,7 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Appends each `TUNED_FLAGS` entry to environ["XLA_FLAGS"] when the conditions in the module
     docstring hold; returns whether anything may have been added."""
     if (environ.get(OPT_OUT, "1") == "0" or jaxlib_version() not in TESTED_JAXLIB_VERSIONS
-            or not runs_on_cpu(environ)):
+            or not runs_on_cpu(environ) or cpu_multiplies_bfloat16()):
         return False
     flags = environ.get("XLA_FLAGS", "")
     for name, value in TUNED_FLAGS.items():

@@ -1,5 +1,5 @@
 """The CLI's XLA:CPU flags: never set by importing gembed, never over a flag the user set, only for
-tested jaxlib versions on the CPU, and not with the opt-out."""
+tested jaxlib versions on a CPU without bfloat16 dot instructions, and not with the opt-out."""
 import os
 import subprocess
 import sys
@@ -20,6 +20,7 @@ def test_importing_gembed_leaves_xla_flags_alone():
 
 def test_flags_are_appended_to_the_users_and_never_replace_them(monkeypatch):
     monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: False)
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     assert xla_cpu_flags.apply(environ)
     assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN}=-individual_dot"
@@ -28,10 +29,15 @@ def test_flags_are_appended_to_the_users_and_never_replace_them(monkeypatch):
     assert own["XLA_FLAGS"] == f"{YNN}=+eltwise"
 
 
-def test_no_flags_for_untested_jaxlib_other_platforms_or_opt_out(monkeypatch):
+def test_no_flags_for_untested_jaxlib_other_platforms_bfloat16_cpus_or_opt_out(monkeypatch):
     monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: False)
     for environ in ({"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "cpu", "GEMBED_XLA_CPU_TUNING": "0"}):
         assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: True)
+    environ = {"JAX_PLATFORMS": "cpu"}
+    assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: False)
     monkeypatch.setattr(xla_cpu_flags, "jaxlib_version", lambda: "99.0")
     environ = {"JAX_PLATFORMS": "cpu"}
     assert not xla_cpu_flags.apply(environ) and "XLA_FLAGS" not in environ

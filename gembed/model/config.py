@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from gembed.errors import GembedUserError
 from gembed.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from gembed.model.matmul_precision import PRECISIONS as MATMUL_PRECISIONS
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
@@ -78,6 +79,7 @@ class ModelConfig:
     output_sizes: tuple[int, ...] | None = None  # Matryoshka prefix sizes, increasing, last = embedding_size.
     initial_temperature: float = 0.05  # The `log_scale` param starts at log(1 / initial_temperature).
     dtype: str = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
+    matmul_precision: str = "auto"  # Dense matmul inputs: auto | float32 | bfloat16 (gembed.model.matmul_precision).
     dropout_rate: float = 0.0  # After the attention output and the MLP, before the residual add.
     attention: str = "auto"  # Kernel (gembed.model.attention): auto | xla | cpu | cudnn | splash.
     remat: str = "dots_saveable"  # Per-block rematerialisation: none | dots_saveable | full (docs/accelerators.md).
@@ -99,6 +101,7 @@ class ModelConfig:
             ("pooling", POOLINGS),
             ("rope_scaling", ROPE_SCALINGS),
             ("dtype", DTYPES),
+            ("matmul_precision", MATMUL_PRECISIONS),
             ("attention", ATTENTION_IMPLEMENTATIONS),
             ("remat", REMAT_POLICIES),
         ):

@@ -27,6 +27,7 @@ from gembed.model.attention import Visibility
 from gembed.model.config import ModelConfig
 from gembed.model.layers import (
     KERNEL_INIT,
+    NARROW_MLP_HIDDEN,
     Norm,
     TransformerBlock,
     attention_mask,
@@ -118,9 +119,12 @@ class Encoder(nn.Module):
 
 # What the backward pass keeps of each block's forward (the rest is recomputed): everything; the
 # outputs of matmuls without batch dimensions (the dense layers: not the [B, N, L, L] attention
-# scores); only the block's inputs.
+# scores) and, with bfloat16 matmul inputs, the MLP's bfloat16 hidden activation; only the
+# block's inputs.
 REMAT_POLICIES = {"none": None,
-                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+                      jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                      jax.checkpoint_policies.save_only_these_names(NARROW_MLP_HIDDEN)),
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 

@@ -15,12 +15,15 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from gembed.model.config import ModelConfig
 from gembed.model.attention import Visibility, attend
+from gembed.model.matmul_precision import dot_general_with_inputs, matmul_input_dtype
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+NARROW_MLP_HIDDEN = "narrow_mlp_hidden"   # checkpoint_name of the MLP's bfloat16 down-layer input
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -31,9 +34,12 @@ ACTIVATIONS = {
 
 
 def dense(config: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
-    """A Dense layer with float32 params (kernel [in, features]) computing in the compute dtype."""
+    """A Dense layer with float32 params (kernel [in, features]) computing in the compute dtype,
+    its matmul inputs as `config.matmul_precision` says (gembed.model.matmul_precision)."""
+    input_dtype = matmul_input_dtype(config)
     return nn.Dense(features, use_bias=use_bias, dtype=config.compute_dtype,
-                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, name=name)
+                    param_dtype=jnp.float32, kernel_init=KERNEL_INIT, name=name,
+                    dot_general=dot_general_with_inputs(input_dtype))
 
 
 class Norm(nn.Module):
@@ -156,6 +162,9 @@ class Attention(nn.Module):
             key, value = self._through_cache(key, value, cache_index)
             causal = False
         scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
+        input_dtype = matmul_input_dtype(config)
+        if input_dtype is not None:
+            query, key, value = (t.astype(input_dtype) for t in (query, key, value))
         attended = attend(query, key, value, visible, is_causal=causal, implementation=config.attention,
                           scale=scale, logit_softcap=config.attention_logit_softcap)
         attended = attended.reshape(batch, length, heads * head_dim)
@@ -192,6 +201,12 @@ class Mlp(nn.Module):
             hidden = activation(gate) * up
         else:
             hidden = activation(up)
+        input_dtype = matmul_input_dtype(config)
+        if input_dtype is not None:
+            # kept by the "dots_saveable" remat policy (half the bytes of a float32 activation):
+            # recomputed, XLA:CPU fused the activation into the transposing copy for the down
+            # layer's weight gradient, reading its inputs in transposed order
+            hidden = checkpoint_name(hidden.astype(input_dtype), NARROW_MLP_HIDDEN)
         return dense(config, x.shape[-1], config.use_bias, "down")(hidden)
 
 

@@ -1,0 +1,108 @@
+"""ModelConfig.matmul_precision: bfloat16 matmul inputs with float32 sums, forward and backward,
+against NumPy on the same rounded inputs, and the encoder's embeddings against float32 ones."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gembed import xla_cpu_flags
+from gembed.model import EmbeddingModel, ModelConfig, init_params
+from gembed.model import matmul_precision
+from gembed.model.matmul_precision import matmul_in, matmul_input_dtype
+
+CONFIG = ModelConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, mlp_dim=128,
+                     max_position_embeddings=64)
+
+
+def rounded(x) -> np.ndarray:
+    """float64 values of x rounded to bfloat16."""
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+def test_matmul_in_and_its_gradients_are_float64_sums_of_bfloat16_rounded_operands():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 48)).astype(np.float32)
+    w = rng.normal(size=(48, 24)).astype(np.float32)
+    g = rng.normal(size=(3, 5, 24)).astype(np.float32)
+    output, pullback = jax.vjp(lambda x, w: matmul_in(jnp.bfloat16, x, w), x, w)
+    x_gradient, w_gradient = pullback(jnp.asarray(g))
+    assert output.dtype == x_gradient.dtype == w_gradient.dtype == jnp.float32
+    np.testing.assert_allclose(output, rounded(x) @ rounded(w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_gradient, rounded(g) @ rounded(w).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w_gradient, np.einsum("bli,blo->io", rounded(x), rounded(g)),
+                               rtol=1e-5, atol=1e-4)
+    # the float32 products differ from these by more than float32 rounding
+    assert np.abs(np.asarray(x, np.float64) @ w - rounded(x) @ rounded(w)).max() > 1e-3
+
+
+def encode(config: ModelConfig, params, ids, mask) -> np.ndarray:
+    embeddings = np.asarray(EmbeddingModel(config).apply({"params": params}, ids, mask))
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
+def test_bfloat16_embeddings_stay_within_cosine_0_9999_of_float32_ones():
+    params = init_params(CONFIG, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, CONFIG.vocab_size, (16, 48)).astype(np.int32)
+    mask = np.arange(48)[None] < rng.integers(4, 49, (16, 1))
+    exact = encode(dataclasses.replace(CONFIG, matmul_precision="float32"), params, ids, mask)
+    fast = encode(dataclasses.replace(CONFIG, matmul_precision="bfloat16"), params, ids, mask)
+    cosines = np.sum(exact * fast, axis=1)
+    assert cosines.min() >= 0.9999
+    assert np.abs(exact - fast).max() > 1e-6   # the setting changed the computation
+
+
+def float_dot_input_dtypes(function, *args) -> set:
+    """The operand dtypes of every dot_general in the jaxpr of function(*args)."""
+    found = set()
+
+    def walk(jaxpr):
+        for equation in jaxpr.eqns:
+            if equation.primitive.name == "dot_general":
+                found.update(str(var.aval.dtype) for var in equation.invars)
+            for sub in jax.core.jaxprs_in_params(equation.params):
+                walk(sub)
+    walk(jax.make_jaxpr(function)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("precision, dtypes", [("bfloat16", {"bfloat16"}),
+                                               ("float32", {"float32"})])
+def test_every_matmul_of_a_training_gradient_takes_the_chosen_inputs(precision, dtypes):
+    config = dataclasses.replace(CONFIG, matmul_precision=precision)
+    params = init_params(config, jax.random.key(0))
+    ids = np.ones((2, 8), np.int32)
+    mask = np.ones((2, 8), bool)
+
+    def loss(params):
+        return jnp.sum(EmbeddingModel(config).apply({"params": params}, ids, mask) ** 2)
+    assert float_dot_input_dtypes(jax.grad(loss), params) == dtypes
+
+
+def test_auto_takes_bfloat16_only_on_a_cpu_that_multiplies_it(monkeypatch):
+    auto = dataclasses.replace(CONFIG, matmul_precision="auto")
+    monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: True)
+    assert matmul_input_dtype(auto) == jnp.bfloat16
+    assert matmul_input_dtype(dataclasses.replace(auto, dtype="bfloat16")) is None
+    monkeypatch.setattr(matmul_precision, "current_platform", lambda: "tpu")
+    assert matmul_input_dtype(auto) is None
+    monkeypatch.setattr(matmul_precision, "current_platform", lambda: "cpu")
+    monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: False)
+    assert matmul_input_dtype(auto) is None
+    assert matmul_input_dtype(dataclasses.replace(auto, matmul_precision="bfloat16")) == jnp.bfloat16
+
+
+def test_the_cpu_probe_reads_the_instruction_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(xla_cpu_flags, "CPUINFO", cpuinfo)
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
+                            ("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 avx512f", False)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        xla_cpu_flags.cpu_multiplies_bfloat16.cache_clear()
+        assert xla_cpu_flags.cpu_multiplies_bfloat16() is expected
+    cpuinfo.unlink()
+    xla_cpu_flags.cpu_multiplies_bfloat16.cache_clear()
+    assert xla_cpu_flags.cpu_multiplies_bfloat16() is False
+    xla_cpu_flags.cpu_multiplies_bfloat16.cache_clear()
