@@ -2,8 +2,16 @@
 
 An in-process `gembed train` parses and locks gin bindings (e.g. model/tiny.gin's output sizes);
 gin-configurable dataclasses would otherwise pick them up in later, unrelated tests.
+
+Tests compare against float64 references, PyTorch and other runs of other shapes, so they run at
+JAX's float32 matmul precision, here and in the commands they start: ModelConfig.matmul_precision
+"auto" resolves to float32 then (bfloat16 inputs are tested on their own, in
+tests/test_matmul_precision.py and the sentence-transformers parity test).
 """
+import os
+
 import gin
+import jax
 import pytest
 
 from gembed import compilation_cache, xla_cpu_flags
@@ -23,3 +31,5 @@ def pytest_configure(config):
     # as the CLI does: no libtpu probe at JAX's start (the [aot] extra installs libtpu, and the
     # probe aborts or prints warnings in subprocesses while this process holds libtpu)
     xla_cpu_flags.pin_cpu_platform()
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
+    jax.config.update("jax_default_matmul_precision", "float32")

@@ -3,6 +3,7 @@ against NumPy on the same rounded inputs, and the encoder's embeddings against f
 import dataclasses
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,16 +55,29 @@ def test_bfloat16_embeddings_stay_within_cosine_0_9999_of_float32_ones():
     assert np.abs(exact - fast).max() > 1e-6   # the setting changed the computation
 
 
-def float_dot_input_dtypes(function, *args) -> set:
-    """The operand dtypes of every dot_general in the jaxpr of function(*args)."""
+def matmul_input_dtypes(function, *args) -> set:
+    """The operand dtypes of every matmul in the jaxpr of function(*args): dot_generals whose
+    operands both keep a free axis (not the row-wise dot products of attention's backward)."""
     found = set()
+
+    def is_matmul(equation) -> bool:
+        (contracted, _), (batch, _) = equation.params["dimension_numbers"]
+        lhs, rhs = (var.aval.ndim for var in equation.invars)
+        rhs_contracted, rhs_batch = (equation.params["dimension_numbers"][0][1],
+                                     equation.params["dimension_numbers"][1][1])
+        return (lhs > len(contracted) + len(batch)
+                and rhs > len(rhs_contracted) + len(rhs_batch))
 
     def walk(jaxpr):
         for equation in jaxpr.eqns:
-            if equation.primitive.name == "dot_general":
+            if equation.primitive.name == "dot_general" and is_matmul(equation):
                 found.update(str(var.aval.dtype) for var in equation.invars)
-            for sub in jax.core.jaxprs_in_params(equation.params):
-                walk(sub)
+            for value in equation.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
     walk(jax.make_jaxpr(function)(*args).jaxpr)
     return found
 
@@ -78,19 +92,24 @@ def test_every_matmul_of_a_training_gradient_takes_the_chosen_inputs(precision, 
 
     def loss(params):
         return jnp.sum(EmbeddingModel(config).apply({"params": params}, ids, mask) ** 2)
-    assert float_dot_input_dtypes(jax.grad(loss), params) == dtypes
+    assert matmul_input_dtypes(jax.grad(loss), params) == dtypes
 
 
-def test_auto_takes_bfloat16_only_on_a_cpu_that_multiplies_it(monkeypatch):
+def test_auto_takes_bfloat16_only_on_a_cpu_that_multiplies_it_at_jax_default_precision(
+        monkeypatch):
     auto = dataclasses.replace(CONFIG, matmul_precision="auto")
     monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: True)
-    assert matmul_input_dtype(auto) == jnp.bfloat16
-    assert matmul_input_dtype(dataclasses.replace(auto, dtype="bfloat16")) is None
-    monkeypatch.setattr(matmul_precision, "current_platform", lambda: "tpu")
-    assert matmul_input_dtype(auto) is None
-    monkeypatch.setattr(matmul_precision, "current_platform", lambda: "cpu")
-    monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: False)
-    assert matmul_input_dtype(auto) is None
+    assert matmul_input_dtype(auto) is None   # the suite runs at JAX precision float32 (conftest)
+    with jax.default_matmul_precision("highest"):
+        assert matmul_input_dtype(auto) is None
+    with jax.default_matmul_precision(None):   # what a user's process has
+        assert matmul_input_dtype(auto) == jnp.bfloat16
+        assert matmul_input_dtype(dataclasses.replace(auto, dtype="bfloat16")) is None
+        monkeypatch.setattr(matmul_precision, "current_platform", lambda: "tpu")
+        assert matmul_input_dtype(auto) is None
+        monkeypatch.setattr(matmul_precision, "current_platform", lambda: "cpu")
+        monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: False)
+        assert matmul_input_dtype(auto) is None
     assert matmul_input_dtype(dataclasses.replace(auto, matmul_precision="bfloat16")) == jnp.bfloat16
 
 

@@ -8,7 +8,10 @@
   "auto"      "bfloat16" on CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX-BF16),
               where it is the faster path (README, "Speed"); "float32" on other CPUs, where
               bfloat16 is emulated, and on GPU and TPU, whose default matmul precision is reduced
-              already (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU).
+              already (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU). "float32" too where
+              JAX's default matmul precision asks for more than the fastest
+              (`jax_default_matmul_precision`, JAX_DEFAULT_MATMUL_PRECISION=float32 or "highest";
+              the test suite runs so).
 With `dtype="bfloat16"` everything computes in bfloat16 and this setting has no effect. Embeddings
 at "bfloat16" stay within cosine 0.9999 of "float32" ones (tests/test_matmul_precision.py).
 """
@@ -23,6 +26,7 @@ from gembed.model.attention import current_platform
 from gembed.xla_cpu_flags import cpu_multiplies_bfloat16
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+FASTEST_JAX_PRECISIONS = (None, "default", "fastest", "bfloat16")   # jax_default_matmul_precision
 
 
 def matmul_input_dtype(config):
@@ -32,8 +36,9 @@ def matmul_input_dtype(config):
         return None
     precision = config.matmul_precision
     if precision == "auto":
-        precision = ("bfloat16" if current_platform() == "cpu" and cpu_multiplies_bfloat16()
-                     else "float32")
+        fastest = jax.config.jax_default_matmul_precision in FASTEST_JAX_PRECISIONS
+        precision = ("bfloat16" if fastest and current_platform() == "cpu"
+                     and cpu_multiplies_bfloat16() else "float32")
     return jnp.bfloat16 if precision == "bfloat16" else None
 
 
