@@ -61,12 +61,9 @@ def matmul_input_dtypes(function, *args) -> set:
     found = set()
 
     def is_matmul(equation) -> bool:
-        (contracted, _), (batch, _) = equation.params["dimension_numbers"]
-        lhs, rhs = (var.aval.ndim for var in equation.invars)
-        rhs_contracted, rhs_batch = (equation.params["dimension_numbers"][0][1],
-                                     equation.params["dimension_numbers"][1][1])
-        return (lhs > len(contracted) + len(batch)
-                and rhs > len(rhs_contracted) + len(rhs_batch))
+        contracted, batch = equation.params["dimension_numbers"]   # each an (lhs, rhs) pair
+        return all(var.aval.ndim > len(c) + len(b)
+                   for var, c, b in zip(equation.invars, contracted, batch))
 
     def walk(jaxpr):
         for equation in jaxpr.eqns:
