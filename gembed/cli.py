@@ -12,7 +12,7 @@ import pathlib
 import sys
 from typing import Sequence
 
-from gembed import compilation_cache, xla_cpu_flags
+from gembed import compilation_cache, preemption, xla_cpu_flags
 from gembed.errors import GembedUserError
 
 
@@ -547,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gembed: interrupted; checkpoints written so far are kept.", file=sys.stderr)
         return 130
+    except preemption.Preempted as e:
+        print(f"gembed: {e}", file=sys.stderr)
+        return preemption.EXIT_CODE
     except OSError as e:
         if e.errno not in INFRASTRUCTURE_ERRNOS:
             raise

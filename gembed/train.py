@@ -30,8 +30,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from gembed import (checkpoint, flops, gradcache, layer_subset, lora, model_folder, sharding,
-                    teacher_cache, workdir as workdir_files, workdir_lock)
+from gembed import (checkpoint, flops, gradcache, layer_subset, lora, model_folder, preemption,
+                    sharding, teacher_cache, workdir as workdir_files, workdir_lock)
 from gembed.config import LossConfig, StageConfig, TrainConfig, write_operative_config
 from gembed.data.batching import DataWindow, TrainBatches, pad_to_common_shape
 from gembed.data.jsonl import SkippedLines
@@ -446,9 +446,9 @@ def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
     try:
-        with checkpoint.quiet_interrupts():
+        with checkpoint.quiet_interrupts(), preemption.notice() as preemption_notice:
             last = _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
-                         tokenizer.pad_id, skipped, show_progress)
+                         tokenizer.pad_id, skipped, show_progress, preemption_notice)
     except KeyboardInterrupt:
         try:   # the save in flight (if any) finishes and is kept: seconds
             with checkpoint.quiet_interrupts():
@@ -472,9 +472,10 @@ def _silence_background_threads() -> None:
 
 def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: TrainBatches, mesh,
           manager, evaluator: TrainingEvaluator, pad_id: int, skipped: SkippedLines | None,
-          show_progress: bool | None) -> dict:
+          show_progress: bool | None, preemption_notice) -> dict:
     """Steps from the state's step to TRAIN_STEPS: log every LOG_EVERY steps (and at evaluations
-    and the last step), checkpoint every CHECKPOINT_EVERY steps and at the last."""
+    and the last step), checkpoint every CHECKPOINT_EVERY steps and at the last; on a preemption
+    notice, checkpoint the step reached and raise `preemption.Preempted`."""
     config = stage.train
     start_step = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start_step)
@@ -511,10 +512,13 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
                 progress.set_postfix(loss=f"{values['loss']:.4f}",
                                      temperature=f"{values['temperature']:.4f}")
                 last = {"step": done, **values}
-            if done % config.checkpoint_every == 0 or done == config.train_steps:
+            preempted = preemption.reached(preemption_notice, done)
+            if preempted or done % config.checkpoint_every == 0 or done == config.train_steps:
                 check_finite(pending, manager)
                 checkpoint.save(manager, done, state.items())
             progress.update(1)
+            if preempted and done < config.train_steps:
+                raise preemption.Preempted(done, manager.directory)
     finally:
         writer.close()
         progress.close()

@@ -1,5 +1,5 @@
 """Faults never reach disk silently (issue 21): divergence, concurrent runs, overwrites, damaged
-files, encode's rows, infrastructure errors. Tiny model, a dozen steps per run."""
+files, encode's rows, infrastructure errors, preemption. Tiny model, a dozen steps per run."""
 from __future__ import annotations
 
 import errno
@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 
 import gembed
-from gembed import checkpoint, cli, model_folder
+from gembed import checkpoint, cli, model_folder, preemption, train
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 
 STEPS = 12
@@ -320,6 +320,35 @@ def test_ctrl_c_during_saves_prints_one_line_and_keeps_whole_checkpoints(corpus,
     assert stderr.strip().splitlines() == ["gembed: interrupted; checkpoints written so far are kept."]
     steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and all(all_finite(raw_params(p)) for p in steps)
+
+
+def test_sigterm_saves_the_step_reached_and_a_rerun_resumes_to_the_same_run(
+        corpus, good_run, tmp_path, capsys, monkeypatch):
+    """A preemption notice (SIGTERM, delivered to this process while step 6 is logged) saves step
+    6, which is no CHECKPOINT_EVERY step, and exits 143 with one line; the rerun ends where the
+    uninterrupted run did."""
+    run = tmp_path / "run"
+    write = train.MetricsWriter.write
+
+    def write_then_sigterm(self, step, values):
+        write(self, step, values)
+        if step == 6:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train.MetricsWriter, "write", write_then_sigterm)
+    capsys.readouterr()
+    assert cli.main(train_args(corpus, run)) == preemption.EXIT_CODE == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gembed: stopped by SIGTERM after step 6; {run / 'checkpoints'}/6 is saved and rerunning "
+        "the same command resumes from it.")
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.undo()
+    assert cli.main(train_args(corpus, run)) == 0
+    assert [m["step"] for m in metrics(run)] == [m["step"] for m in metrics(good_run)]
+    resumed, uninterrupted = (raw_params(r / "checkpoints" / str(STEPS)) for r in (run, good_run))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 resumed, uninterrupted)
 
 
 class _SaveWithCtrlC:
