@@ -446,9 +446,9 @@ def _train_locked(workdir: pathlib.Path, stage: StageConfig, show_progress: bool
     evaluator = TrainingEvaluator(stage.evaluation, stage.model, tokenizer, config.max_length,
                                   config.train_steps)
     try:
-        with checkpoint.quiet_interrupts(), preemption.notice() as preemption_notice:
+        with checkpoint.quiet_interrupts(), preemption.notice() as preempted_at:
             last = _loop(workdir, stage, state, step_fn, batches, mesh, manager, evaluator,
-                         tokenizer.pad_id, skipped, show_progress, preemption_notice)
+                         tokenizer.pad_id, skipped, show_progress, preempted_at)
     except KeyboardInterrupt:
         try:   # the save in flight (if any) finishes and is kept: seconds
             with checkpoint.quiet_interrupts():
@@ -472,10 +472,10 @@ def _silence_background_threads() -> None:
 
 def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: TrainBatches, mesh,
           manager, evaluator: TrainingEvaluator, pad_id: int, skipped: SkippedLines | None,
-          show_progress: bool | None, preemption_notice) -> dict:
+          show_progress: bool | None, preempted_at: Callable[[int], bool]) -> dict:
     """Steps from the state's step to TRAIN_STEPS: log every LOG_EVERY steps (and at evaluations
-    and the last step), checkpoint every CHECKPOINT_EVERY steps and at the last; on a preemption
-    notice, checkpoint the step reached and raise `preemption.Preempted`."""
+    and the last step), checkpoint every CHECKPOINT_EVERY steps and at the last; when
+    `preempted_at(step)` (`preemption.notice`), checkpoint that step and raise `preemption.Preempted`."""
     config = stage.train
     start_step = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start_step)
@@ -512,7 +512,7 @@ def _loop(workdir, stage: StageConfig, state: TrainState, step_fn, batches: Trai
                 progress.set_postfix(loss=f"{values['loss']:.4f}",
                                      temperature=f"{values['temperature']:.4f}")
                 last = {"step": done, **values}
-            preempted = preemption.reached(preemption_notice, done)
+            preempted = preempted_at(done)
             if preempted or done % config.checkpoint_every == 0 or done == config.train_steps:
                 check_finite(pending, manager)
                 checkpoint.save(manager, done, state.items())
