@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gembed.model import ModelConfig
-from gembed.xla_cpu_flags import cpu_multiplies_bfloat16
+from gembed.cpu_matmul_speed import bfloat16_is_faster
 
 # Dense bfloat16 FLOP/s per device, from the vendors' datasheets: the first key that is a
 # substring of `device_kind` wins (JAX calls v5e "TPU v5 lite" and v5p "TPU v5").
@@ -67,8 +67,9 @@ def train_flops(config: ModelConfig, lengths: Sequence[int] | np.ndarray) -> flo
 
 
 def cpu_peak_input_dtype() -> jnp.dtype:
-    """The matmul input dtype of the CPU's peak: bfloat16 where it multiplies it natively."""
-    return jnp.dtype(jnp.bfloat16 if cpu_multiplies_bfloat16() else jnp.float32)
+    """The matmul input dtype of the CPU's peak: bfloat16 where it is the faster one (what
+    ModelConfig.matmul_precision="auto" takes)."""
+    return jnp.dtype(jnp.bfloat16 if bfloat16_is_faster() else jnp.float32)
 
 
 def measured_matmul_peak(size: int = 1536, repeats: int = 4) -> float:

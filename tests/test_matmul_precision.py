@@ -1,6 +1,7 @@
 """ModelConfig.matmul_precision: bfloat16 matmul inputs with float32 sums, forward and backward,
 against NumPy on the same rounded inputs, and the encoder's embeddings against float32 ones."""
 import dataclasses
+import json
 
 import jax
 import jax.extend.core
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gembed import xla_cpu_flags
+from gembed import cpu_matmul_speed, xla_cpu_flags
 from gembed.model import EmbeddingModel, ModelConfig, init_params
 from gembed.model import matmul_precision
 from gembed.model.matmul_precision import matmul_in, matmul_input_dtype
@@ -92,10 +93,10 @@ def test_every_matmul_of_a_training_gradient_takes_the_chosen_inputs(precision, 
     assert matmul_input_dtypes(jax.grad(loss), params) == dtypes
 
 
-def test_auto_takes_bfloat16_only_on_a_cpu_that_multiplies_it_at_jax_default_precision(
+def test_auto_takes_bfloat16_only_on_a_cpu_where_it_is_faster_at_jax_default_precision(
         monkeypatch):
     auto = dataclasses.replace(CONFIG, matmul_precision="auto")
-    monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: True)
+    monkeypatch.setattr(matmul_precision, "bfloat16_is_faster", lambda: True)
     assert matmul_input_dtype(auto) is None   # the suite runs at JAX precision float32 (conftest)
     with jax.default_matmul_precision("highest"):
         assert matmul_input_dtype(auto) is None
@@ -105,7 +106,7 @@ def test_auto_takes_bfloat16_only_on_a_cpu_that_multiplies_it_at_jax_default_pre
         monkeypatch.setattr(matmul_precision, "current_platform", lambda: "tpu")
         assert matmul_input_dtype(auto) is None
         monkeypatch.setattr(matmul_precision, "current_platform", lambda: "cpu")
-        monkeypatch.setattr(matmul_precision, "cpu_multiplies_bfloat16", lambda: False)
+        monkeypatch.setattr(matmul_precision, "bfloat16_is_faster", lambda: False)
         assert matmul_input_dtype(auto) is None
     assert matmul_input_dtype(dataclasses.replace(auto, matmul_precision="bfloat16")) == jnp.bfloat16
 
@@ -122,3 +123,58 @@ def test_the_cpu_probe_reads_the_instruction_flags(monkeypatch, tmp_path):
     xla_cpu_flags.cpu_multiplies_bfloat16.cache_clear()
     assert xla_cpu_flags.cpu_multiplies_bfloat16() is False
     xla_cpu_flags.cpu_multiplies_bfloat16.cache_clear()
+
+
+@pytest.fixture
+def fresh_speed_probe(monkeypatch, tmp_path):
+    """cpu_matmul_speed with its cache under tmp_path, a CPU with bfloat16 instructions, and
+    `measure` replaced by a counter returning the figures in `flops`."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: True)
+    probe = {"calls": 0, "flops": {"float32": 100.0, "bfloat16": 150.0}}
+
+    def measure():
+        probe["calls"] += 1
+        return dict(probe["flops"])
+    monkeypatch.setattr(cpu_matmul_speed, "measure", measure)
+    cpu_matmul_speed.bfloat16_is_faster.cache_clear()
+    yield probe
+    cpu_matmul_speed.bfloat16_is_faster.cache_clear()
+
+
+def test_the_speed_probe_measures_once_per_machine_and_keeps_the_answer(fresh_speed_probe,
+                                                                        monkeypatch):
+    assert cpu_matmul_speed.bfloat16_is_faster() is True           # 1.5x >= MIN_SPEEDUP
+    cpu_matmul_speed.bfloat16_is_faster.cache_clear()
+    fresh_speed_probe["flops"] = {"float32": 100.0, "bfloat16": 50.0}
+    assert cpu_matmul_speed.bfloat16_is_faster() is True           # read back, not re-measured
+    assert fresh_speed_probe["calls"] == 1
+    record = json.loads(cpu_matmul_speed.cache_file().read_text())
+    assert record[cpu_matmul_speed.machine_key()] == {"float32": 100.0, "bfloat16": 150.0,
+                                                       "bfloat16_faster": True}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")   # another setup: measured anew
+    cpu_matmul_speed.bfloat16_is_faster.cache_clear()
+    assert cpu_matmul_speed.bfloat16_is_faster() is False
+    assert fresh_speed_probe["calls"] == 2 and len(json.loads(cpu_matmul_speed.cache_file().read_text())) == 2
+
+
+def test_the_speed_probe_wants_a_clear_margin_and_bfloat16_instructions(fresh_speed_probe,
+                                                                        monkeypatch):
+    fresh_speed_probe["flops"] = {"float32": 100.0, "bfloat16": 105.0}   # below MIN_SPEEDUP
+    assert cpu_matmul_speed.bfloat16_is_faster() is False
+    cpu_matmul_speed.bfloat16_is_faster.cache_clear()
+    monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: False)
+    cpu_matmul_speed.cache_file().unlink()
+    assert cpu_matmul_speed.bfloat16_is_faster() is False
+    assert fresh_speed_probe["calls"] == 1 and not cpu_matmul_speed.cache_file().exists()
+
+
+def test_the_speed_probe_times_real_matmuls_even_while_tracing():
+    seen = {}
+
+    @jax.jit
+    def traced(x):
+        seen.update(cpu_matmul_speed.measure())
+        return x
+    traced(jnp.ones(2))
+    assert set(seen) == {"float32", "bfloat16"} and all(flops > 1e8 for flops in seen.values())

@@ -5,9 +5,10 @@
               rounded to bfloat16; products summed and returned in float32, and in training the
               gradients flowing into those matmuls rounded the same way (mixed precision). Params,
               optimizer state, norms, softmax statistics, residuals and losses stay float32.
-  "auto"      "bfloat16" on CPUs with bfloat16 dot-product instructions (AVX512-BF16, AMX-BF16),
-              where it is the faster path (README, "Speed"); "float32" on other CPUs, where
-              bfloat16 is emulated, and on GPU and TPU, whose default matmul precision is reduced
+  "auto"      "bfloat16" on CPUs where bfloat16-input matmuls run clearly faster than float32
+              ones, as measured once per machine (`gembed.cpu_matmul_speed`; only CPUs with
+              bfloat16 dot-product instructions, AVX512-BF16 or AMX-BF16, qualify); "float32" on
+              other CPUs, and on GPU and TPU, whose default matmul precision is reduced
               already (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU). "float32" too where
               JAX's default matmul precision asks for more than the fastest
               (`jax_default_matmul_precision`, JAX_DEFAULT_MATMUL_PRECISION=float32 or "highest";
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gembed.model.attention import current_platform
-from gembed.xla_cpu_flags import cpu_multiplies_bfloat16
+from gembed.cpu_matmul_speed import bfloat16_is_faster
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 FASTEST_JAX_PRECISIONS = (None, "default", "fastest", "bfloat16")   # jax_default_matmul_precision
@@ -38,7 +39,7 @@ def matmul_input_dtype(config):
     if precision == "auto":
         fastest = jax.config.jax_default_matmul_precision in FASTEST_JAX_PRECISIONS
         precision = ("bfloat16" if fastest and current_platform() == "cpu"
-                     and cpu_multiplies_bfloat16() else "float32")
+                     and bfloat16_is_faster() else "float32")
     return jnp.bfloat16 if precision == "bfloat16" else None
 
 
