@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gembed import xla_cpu_flags
+from gembed.cache_home import cache_home
 
 PROBE_SHAPE = (2048, 384, 1536)   # (rows, contracted, columns): a MiniLM-sized MLP matmul
 REPEATS = 5
@@ -31,9 +32,8 @@ CACHE_FILE_NAME = "cpu_matmul_speed.json"
 
 
 def cache_file() -> pathlib.Path:
-    """$XDG_CACHE_HOME/gembed/cpu_matmul_speed.json (default ~/.cache/gembed/...)."""
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "gembed" / CACHE_FILE_NAME
+    """cpu_matmul_speed.json in gembed's cache folder (`gembed.cache_home`)."""
+    return cache_home() / CACHE_FILE_NAME
 
 
 def machine_key() -> str:
@@ -47,25 +47,29 @@ def machine_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def measure() -> dict[str, float]:
-    """FLOP/s of the `PROBE_SHAPE` matmul on the first CPU device, float32 and bfloat16 inputs;
-    run eagerly even when called while a jitted function is being traced."""
-    rows, contracted, columns = PROBE_SHAPE
-    device = jax.devices("cpu")[0]
+def matmul_flops(dtype, shape: tuple[int, int, int], repeats: int, device=None) -> float:
+    """FLOP/s of the fastest of `repeats` x[rows, contracted] . w[contracted, columns] matmuls
+    (`shape`), inputs of `dtype`, float32 sums, on `device` (None: the default device); run
+    eagerly even when called while a jitted function is being traced."""
+    rows, contracted, columns = shape
     matmul = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
-    flops = {}
     with jax.ensure_compile_time_eval():
-        for dtype in (jnp.float32, jnp.bfloat16):
-            x = jax.device_put(jnp.ones((rows, contracted), dtype), device)
-            w = jax.device_put(jnp.ones((contracted, columns), dtype), device)
+        x = jax.device_put(jnp.ones((rows, contracted), dtype), device)
+        w = jax.device_put(jnp.ones((contracted, columns), dtype), device)
+        matmul(x, w).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
             matmul(x, w).block_until_ready()
-            best = float("inf")
-            for _ in range(REPEATS):
-                start = time.perf_counter()
-                matmul(x, w).block_until_ready()
-                best = min(best, time.perf_counter() - start)
-            flops[jnp.dtype(dtype).name] = 2.0 * rows * contracted * columns / best
-    return flops
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * rows * contracted * columns / best
+
+
+def measure() -> dict[str, float]:
+    """FLOP/s of the `PROBE_SHAPE` matmul on the first CPU device, float32 and bfloat16 inputs."""
+    device = jax.devices("cpu")[0]
+    return {name: matmul_flops(name, PROBE_SHAPE, REPEATS, device)
+            for name in ("float32", "bfloat16")}
 
 
 @functools.lru_cache(maxsize=1)

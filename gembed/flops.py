@@ -12,7 +12,6 @@ bfloat16 dot instructions, else float32), since CPU datasheets rarely state one.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gembed.model import ModelConfig
-from gembed.cpu_matmul_speed import bfloat16_is_faster
+from gembed.cpu_matmul_speed import bfloat16_is_faster, matmul_flops
 
 # Dense bfloat16 FLOP/s per device, from the vendors' datasheets: the first key that is a
 # substring of `device_kind` wins (JAX calls v5e "TPU v5 lite" and v5p "TPU v5").
@@ -75,15 +74,7 @@ def cpu_peak_input_dtype() -> jnp.dtype:
 def measured_matmul_peak(size: int = 1536, repeats: int = 4) -> float:
     """FLOP/s of the fastest of `repeats` [size, size] matmuls on the default device, inputs of
     `cpu_peak_input_dtype()`, float32 sums."""
-    a = jnp.ones((size, size), cpu_peak_input_dtype())
-    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    return matmul_flops(cpu_peak_input_dtype(), (size, size, size), repeats)
 
 
 def datasheet_peak(device_kind: str) -> float | None:

@@ -129,6 +129,7 @@ def test_the_cpu_probe_reads_the_instruction_flags(monkeypatch, tmp_path):
 def fresh_speed_probe(monkeypatch, tmp_path):
     """cpu_matmul_speed with its cache under tmp_path, a CPU with bfloat16 instructions, and
     `measure` replaced by a counter returning the figures in `flops`."""
+    monkeypatch.delenv("GEMBED_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(xla_cpu_flags, "cpu_multiplies_bfloat16", lambda: True)
     probe = {"calls": 0, "flops": {"float32": 100.0, "bfloat16": 150.0}}

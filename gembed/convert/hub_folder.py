@@ -13,23 +13,17 @@ import pathlib
 import shutil
 import tempfile
 
+from gembed.cache_home import cache_home
 from gembed.convert.hub import resolve
 from gembed.convert.importer import import_model
 from gembed.model_folder import is_model_folder
-
-
-def cache_dir() -> pathlib.Path:
-    """Where the imported model folders are kept."""
-    if os.environ.get("GEMBED_CACHE"):
-        return pathlib.Path(os.environ["GEMBED_CACHE"])
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "gembed"
 
 
 def hub_model_folder(spec: str) -> pathlib.Path:
     """The gembed model folder of `hf:ORG/NAME[@REVISION]`, imported with `gembed import`'s
     defaults on first use."""
     model = resolve(spec)
-    folder = cache_dir() / "models" / f"{model.name.replace('/', '--')}@{model.revision}"
+    folder = cache_home() / "models" / f"{model.name.replace('/', '--')}@{model.revision}"
     if is_model_folder(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
