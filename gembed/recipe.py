@@ -23,8 +23,9 @@ mining/soup/export/eval folder is redone from scratch):
     eval              BM25 and `init_from` zero-shot (`baselines`), the teacher, every trained
                       stage, both soups (the chosen one through its export) on `eval_tasks`, all
                       encoding at `eval_max_length`, plus a "sentences/s" column (`speed_texts`);
-                      DIR/eval/results.json {row: {task: scores}}; the table is printed with each
-                      row's stage wall time
+                      a finetune run's scores on `soup_task` are the greedy soup's, which encoded
+                      it the same way (not scored twice); DIR/eval/results.json {row: {task:
+                      scores}}; the table is printed with each row's stage wall time
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from typing import Any, Callable, Sequence
 
 import gin
 
-from gembed import config, encode_speed, teacher_cache, train
+from gembed import checkpoint, config, encode_speed, teacher_cache, train
+from gembed import workdir as workdir_files
 from gembed.curate.negatives import llm_negatives
 from gembed.data import load_builtin, load_examples, write_jsonl
 from gembed.errors import GembedUserError
@@ -48,7 +50,7 @@ from gembed.evaluation.bm25 import BM25
 from gembed.export import export
 from gembed.llm import load_language_model
 from gembed.mining import mine_hard_negatives
-from gembed.soup import make_soup
+from gembed.soup import SOUP_FILE, make_soup
 
 STAGES_DIR = "stages"   # DIR/stages/<stage>.json marks a complete stage
 RESULTS_FILE = "results.json"
@@ -251,7 +253,9 @@ class Runner:
         spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir,
                 "max_length": recipe.eval_max_length,
                 "speed": [recipe.speed_texts, recipe.speed_max_length]}
-        eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path))
+        known = {name: self._soup_scores(soups["greedy"], trained[name])
+                 for name in recipe.finetune_runs}
+        eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path, known))
         results = json.loads((eval_dir / RESULTS_FILE).read_text())
         seconds = {row: self.seconds(stage) for row, stage in stage_of.items()}
         return {"scores": results, "seconds": seconds, "total_seconds": self.total_seconds()}
@@ -310,22 +314,52 @@ class Runner:
         teacher_cache.teacher_vectors(path, self.recipe.teacher, texts,
                                       max_length=stage.train.max_length, log=self.log)
 
-    def _evaluate(self, rows: dict[str, str], path: pathlib.Path) -> None:
+    def _soup_scores(self, soup: pathlib.Path, run: str) -> dict[str, dict[str, float]]:
+        """{task: scores} the greedy soup stage computed for finetune run `run` the way the eval
+        stage would: the run's last checkpoint, encoded at `eval_max_length` with the run's own
+        inference files (the soup's scorer uses the first ingredient's); {} otherwise."""
+        record = json.loads((soup / SOUP_FILE).read_text())
+        ingredients = {entry["checkpoint"]: entry for entry in record["ingredients"]}
+        entry = ingredients.get(str(checkpoint.resolve(run).step_dir))
+        scorer_workdir = checkpoint.resolve(record["ingredients"][0]["checkpoint"]).workdir
+        same_files = all(_file_bytes(scorer_workdir / name) == _file_bytes(pathlib.Path(run) / name)
+                         for name in workdir_files.INFERENCE_FILES)
+        if (entry is None or "scores" not in entry or not same_files
+                or self.recipe.eval_max_length is None
+                or record.get("max_length") != self.recipe.eval_max_length):
+            return {}
+        return {tasks.parse_task_list([record["eval_task"]])[0].name: entry["scores"]}
+
+    def _evaluate(self, rows: dict[str, str], path: pathlib.Path,
+                  known: dict[str, dict[str, dict[str, float]]]) -> None:
+        """Scores every row on `eval_tasks`; `known` {row: {task: scores}} are taken as given."""
         recipe = self.recipe
         speed_texts = _speed_texts(recipe.speed_texts)
+        task_names = [task.name for task in tasks.parse_task_list(recipe.eval_tasks)]
         results = {}
         for row, location in rows.items():
-            self.log(f"gembed run: eval: {row}")
+            given = {task: scores for task, scores in known.get(row, {}).items()
+                     if task in task_names}
+            self.log(f"gembed run: eval: {row}" + "".join(
+                f" ({task}: scored by soup_greedy)" for task in given))
             encoder = BM25() if location == BM25.name else teacher_cache.load_model(location)
             if location != BM25.name and recipe.eval_max_length is not None:
                 encoder.max_length = recipe.eval_max_length
-            results[row] = tasks.evaluate(encoder, recipe.eval_tasks, data_dir=recipe.data_dir,
-                                          batch_size=recipe.eval_batch_size, log=self.log)
+            remaining = [task for task in task_names if task not in given]
+            scored = tasks.evaluate(encoder, remaining, data_dir=recipe.data_dir,
+                                    batch_size=recipe.eval_batch_size,
+                                    log=self.log) if remaining else {}
+            merged = {**given, **scored}
+            results[row] = {task: merged[task] for task in task_names if task in merged}
             if speed_texts and location != BM25.name:
                 results[row][SPEED_COLUMN] = {"main_score": encode_speed.sentences_per_second(
                     encoder, speed_texts, recipe.speed_max_length, recipe.eval_batch_size)}
         path.mkdir(parents=True, exist_ok=True)
         tasks.write_json(results, path / RESULTS_FILE)
+
+
+def _file_bytes(path: pathlib.Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def _speed_texts(count: int) -> list[str]:

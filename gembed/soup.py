@@ -7,8 +7,9 @@ learnable temperature `log_scale` included. The output is a folder every CKPT re
 
     DIR/checkpoints/0/params   orbax, params only: the average, cast back to the params' dtype
     the first ingredient's workdir files that inference reads (`workdir.INFERENCE_FILES`)
-    DIR/soup.json              method, eval task, each ingredient's checkpoint and score, which
-                               ones were kept, and the soup's score; written last
+    DIR/soup.json              method, eval task, each ingredient's checkpoint, main score and
+                               task scores, which ones were kept, the soup's score, and the
+                               scoring's max_length; written last
 
 Greedy: ingredients sorted by their own score on the held-out task (best first); the best starts
 the soup and each next one is kept when the soup with it scores at least as well as without.
@@ -38,6 +39,7 @@ from gembed.model_folder import TRAINING_FIELDS
 SOUP_FILE = "soup.json"
 METHODS = ("uniform", "greedy")
 SOUP_STEP = 0
+MAIN_SCORE = "main_score"
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
@@ -117,7 +119,8 @@ class RunningSum:
 
 
 class Scorer:
-    """The main score of one evaluation task for flat params, through one compiled Embedder."""
+    """The scores {metric: value} of one evaluation task for flat params, through one compiled
+    Embedder."""
 
     def __init__(self, first: checkpoint.CheckpointRef, task: str, data_dir=None,
                  batch_size: int = 64, max_length: int | None = None):
@@ -126,7 +129,7 @@ class Scorer:
         # the first ingredient's tokenizer, prompts and (unless given) max length
         self.embedder = Embedder.of(workdir.read_checkpoint_model(first.step_dir, max_length))
 
-    def __call__(self, flat: dict[str, np.ndarray]) -> float:
+    def __call__(self, flat: dict[str, np.ndarray]) -> dict[str, float]:
         self.embedder.params = jax.device_put(traverse_util.unflatten_dict(flat, sep="/"))
         skipped: dict[str, str] = {}
         results = tasks.evaluate(self.embedder, [self.task], data_dir=self.data_dir,
@@ -134,12 +137,12 @@ class Scorer:
         if self.task not in results:
             raise GembedUserError(f"--eval_task={self.task}: {skipped[self.task]}; pass "
                                   f"--data_dir or pick a built-in task such as stdlib_code.")
-        return float(results[self.task]["main_score"])
+        return {metric: float(value) for metric, value in results[self.task].items()}
 
 
 def uniform_soup(ingredients: Ingredients, scorer: Scorer | None = None):
-    """(flat mean of every ingredient, per-ingredient scores, kept, the soup's score); scores are
-    None without a scorer."""
+    """(flat mean of every ingredient, per-ingredient task scores, kept, the soup's task scores);
+    scores are None without a scorer."""
     total = RunningSum()
     scores = []
     for index in range(len(ingredients.refs)):
@@ -152,23 +155,25 @@ def uniform_soup(ingredients: Ingredients, scorer: Scorer | None = None):
 
 
 def greedy_soup(ingredients: Ingredients, scorer: Scorer, log=None):
-    """(flat mean of the kept ingredients, per-ingredient scores, kept indices in order added,
-    the soup's score: the last accepted candidate's, computed on the same float64 mean)."""
+    """(flat mean of the kept ingredients, per-ingredient task scores, kept indices in order added,
+    the soup's task scores: the last accepted candidate's, computed on the same float64 mean)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     scores = [scorer(ingredients.load(index)) for index in range(len(ingredients.refs))]
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    order = sorted(range(len(scores)), key=lambda i: -scores[i][MAIN_SCORE])
     total = RunningSum()
     total.add(ingredients.load(order[0]))
     kept, best = [order[0]], scores[order[0]]
     for index in order[1:]:
         candidate = ingredients.load(index)
-        score = scorer(total.mean(extra=candidate))
-        log(f"gembed soup: {ingredients.refs[index].step_dir}: soup with it scores {score:.2f} "
-            f"vs {best:.2f} without; {'kept' if score >= best else 'left out'}")
-        if score >= best:
+        with_it = scorer(total.mean(extra=candidate))
+        better = with_it[MAIN_SCORE] >= best[MAIN_SCORE]
+        log(f"gembed soup: {ingredients.refs[index].step_dir}: soup with it scores "
+            f"{with_it[MAIN_SCORE]:.2f} vs {best[MAIN_SCORE]:.2f} without; "
+            f"{'kept' if better else 'left out'}")
+        if better:
             total.add(candidate)
             kept.append(index)
-            best = score
+            best = with_it
     return total.mean(), scores, kept, best
 
 
@@ -195,16 +200,21 @@ def make_soup(checkpoints: Sequence[str | os.PathLike], output: str | os.PathLik
     record = {
         "method": method,
         "eval_task": eval_task,
+        "max_length": scorer.embedder.max_length if scorer else None,
         "accumulation_dtype": "float64",
-        "ingredients": [{"checkpoint": str(ref.step_dir), "score": score}
+        "ingredients": [{"checkpoint": str(ref.step_dir), "score": _main(score), "scores": score}
                         for ref, score in zip(ingredients.refs, scores)],
         "kept": [str(ingredients.refs[i].step_dir) for i in kept],
-        "score": soup_score,
+        "score": _main(soup_score),
     }
     output_folder.write_folder(output, functools.partial(
         _write_soup, params=traverse_util.unflatten_dict(mean, sep="/"),
         source=ingredients.refs[0].workdir, record=record))
     return record
+
+
+def _main(scores: dict[str, float] | None) -> float | None:
+    return None if scores is None else scores[MAIN_SCORE]
 
 
 def _write_soup(folder: pathlib.Path, params, source: pathlib.Path, record: dict) -> None:

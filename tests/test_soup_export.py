@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gembed
-from gembed import checkpoint, cli
+from gembed import checkpoint, cli, teacher_cache
 from gembed.data import load_builtin, train_sentencepiece, write_jsonl
 from gembed.errors import GembedUserError
 from gembed.evaluation import tasks
@@ -46,7 +46,7 @@ Recipe.finetune_runs = {{'a': ['SEED=0'], 'b': ['SEED=1']}}
 Recipe.soup_method = 'greedy'
 Recipe.soup_task = 'stdlib_code:validation'
 Recipe.eval_tasks = ['stdlib_code:validation', 'stdlib_code']
-Recipe.eval_max_length = None
+Recipe.eval_max_length = 16
 """
 
 
@@ -77,10 +77,10 @@ def corpus(tmp_path_factory):
         prefinetune=stage_params(corpus) + ["TRAIN_STEPS=2", "BATCH_SIZE=16"],
         finetune=stage_params(corpus, data=False) + ["TRAIN_STEPS=3", "BATCH_SIZE=8",
                                                      "LEARNING_RATE=1e-3"]))
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         assert cli.main(["run", f"--gin_file={root / 'recipe.gin'}", f"--workdir={root / 'run'}"]) == 0
-    corpus["table"] = stdout.getvalue()
+    corpus["table"], corpus["log"] = stdout.getvalue(), stderr.getvalue()
     corpus["a"], corpus["b"] = root / "run" / "a", root / "run" / "b"
     corpus["c"] = root / "c"
     corpus["c"].mkdir()
@@ -213,7 +213,15 @@ def test_recipe_runs_every_stage_then_skips_them_and_prints_the_table(corpus, ca
         for task in ("stdlib_code:validation", "stdlib_code"):
             assert f"{results[row][task]['main_score']:.2f}" in corpus["table"]
     greedy = json.loads((run / "soup_greedy" / "soup.json").read_text())
-    assert greedy["eval_task"] == "stdlib_code:validation"
+    assert greedy["eval_task"] == "stdlib_code:validation" and greedy["max_length"] == 16
+    for row in ("a", "b"):   # taken from the greedy soup's scoring: as the run, loaded, scores
+        model = teacher_cache.load_model(str(run / row))
+        model.max_length = 16
+        fresh = tasks.evaluate(model, ["stdlib_code:validation"], log=lambda _: None)
+        reused, again = (dict(scores, seconds=None) for scores in (
+            results[row]["stdlib_code:validation"], fresh["stdlib_code:validation"]))
+        assert reused == again   # every metric bitwise; only the timing differs
+        assert f"eval: {row} (stdlib_code:validation: scored by soup_greedy)" in corpus["log"]
     assert results["soup_greedy -> model"]["stdlib_code:validation"]["main_score"] == pytest.approx(
         greedy["score"], abs=1e-4)
     assert json.loads((run / "soup_uniform" / "soup.json").read_text())["kept"] == [
