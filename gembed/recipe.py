@@ -253,9 +253,9 @@ class Runner:
         spec = {"rows": rows, "tasks": list(recipe.eval_tasks), "data_dir": recipe.data_dir,
                 "max_length": recipe.eval_max_length,
                 "speed": [recipe.speed_texts, recipe.speed_max_length]}
-        known = {name: self._soup_scores(soups["greedy"], trained[name])
-                 for name in recipe.finetune_runs}
-        eval_dir = self.stage("eval", spec, lambda path: self._evaluate(rows, path, known))
+        runs_by_name = {name: trained[name] for name in recipe.finetune_runs}
+        eval_dir = self.stage("eval", spec, lambda path: self._evaluate(
+            rows, path, self._soup_scores(soups["greedy"], runs_by_name)))
         results = json.loads((eval_dir / RESULTS_FILE).read_text())
         seconds = {row: self.seconds(stage) for row, stage in stage_of.items()}
         return {"scores": results, "seconds": seconds, "total_seconds": self.total_seconds()}
@@ -314,21 +314,26 @@ class Runner:
         teacher_cache.teacher_vectors(path, self.recipe.teacher, texts,
                                       max_length=stage.train.max_length, log=self.log)
 
-    def _soup_scores(self, soup: pathlib.Path, run: str) -> dict[str, dict[str, float]]:
-        """{task: scores} the greedy soup stage computed for finetune run `run` the way the eval
-        stage would: the run's last checkpoint, encoded at `eval_max_length` with the run's own
-        inference files (the soup's scorer uses the first ingredient's); {} otherwise."""
+    def _soup_scores(self, soup: pathlib.Path,
+                     runs: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
+        """{run name: {task: scores}} the greedy soup stage computed for the finetune `runs` the
+        way the eval stage would: a run's last checkpoint, encoded at `eval_max_length` with the
+        run's own inference files (the soup's scorer uses the first ingredient's)."""
         record = json.loads((soup / SOUP_FILE).read_text())
-        ingredients = {entry["checkpoint"]: entry for entry in record["ingredients"]}
-        entry = ingredients.get(str(checkpoint.resolve(run).step_dir))
-        scorer_workdir = checkpoint.resolve(record["ingredients"][0]["checkpoint"]).workdir
-        same_files = all(_file_bytes(scorer_workdir / name) == _file_bytes(pathlib.Path(run) / name)
-                         for name in workdir_files.INFERENCE_FILES)
-        if (entry is None or "scores" not in entry or not same_files
-                or self.recipe.eval_max_length is None
+        if (self.recipe.eval_max_length is None
                 or record.get("max_length") != self.recipe.eval_max_length):
             return {}
-        return {tasks.parse_task_list([record["eval_task"]])[0].name: entry["scores"]}
+        task = tasks.parse_task_list([record["eval_task"]])[0].name
+        entries = {entry["checkpoint"]: entry for entry in record["ingredients"]}
+        scorer_files = checkpoint.resolve(record["ingredients"][0]["checkpoint"]).workdir
+        known = {}
+        for name, run in runs.items():
+            entry = entries.get(str(checkpoint.resolve(run).step_dir))
+            if entry is not None and "scores" in entry and all(
+                    _file_bytes(scorer_files / file) == _file_bytes(pathlib.Path(run) / file)
+                    for file in workdir_files.INFERENCE_FILES):
+                known[name] = {task: entry["scores"]}
+        return known
 
     def _evaluate(self, rows: dict[str, str], path: pathlib.Path,
                   known: dict[str, dict[str, dict[str, float]]]) -> None:
