@@ -2,8 +2,9 @@
 
 A compiled train step or encoder shape is written to disk once and read back by later processes
 (the next stage of a recipe, a resumed run, the next `gembed encode`), which skips most of JAX's
-compile time on repeated runs. The folder is JAX_COMPILATION_CACHE_DIR when set, else
-$XDG_CACHE_HOME/gembed/jax (default ~/.cache/gembed/jax); GEMBED_COMPILATION_CACHE=0 turns it off.
+compile time on repeated runs. The folder is JAX_COMPILATION_CACHE_DIR when set, else jax/ in
+gembed's cache folder (`gembed.cache_home`: $GEMBED_CACHE, else $XDG_CACHE_HOME/gembed, default
+~/.cache/gembed); GEMBED_COMPILATION_CACHE=0 turns it off.
 
 It stays off where XLA:CPU runs collectives: several CPU devices in one process
 (--xla_force_host_platform_device_count > 1) or CPU processes joined by jax.distributed. With
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import jax
 
 from gembed import xla_cpu_flags
+from gembed.cache_home import cache_home
 
 OPT_OUT = "GEMBED_COMPILATION_CACHE"
 
@@ -31,8 +33,7 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> pathlib.Path | None:
         return None
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return pathlib.Path(environ["JAX_COMPILATION_CACHE_DIR"])
-    base = environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "gembed" / "jax"
+    return cache_home(environ) / "jax"
 
 
 def forced_cpu_device_count(environ: Mapping[str, str]) -> int:

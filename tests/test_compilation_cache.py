@@ -16,6 +16,8 @@ def enabled_dir(environ, monkeypatch):
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     cpu = {"JAX_PLATFORMS": "cpu"}
     assert enabled_dir({**cpu, "XDG_CACHE_HOME": str(tmp_path)}, monkeypatch) == tmp_path / "gembed" / "jax"
+    gembed_cache = {**cpu, "XDG_CACHE_HOME": str(tmp_path), "GEMBED_CACHE": str(tmp_path / "g")}
+    assert enabled_dir(gembed_cache, monkeypatch) == tmp_path / "g" / "jax"
     assert enabled_dir({**cpu, "JAX_COMPILATION_CACHE_DIR": str(tmp_path)}, monkeypatch) == tmp_path
     assert enabled_dir({**cpu, "GEMBED_COMPILATION_CACHE": "0"}, monkeypatch) is None
 
