@@ -3,13 +3,17 @@
 gembed side: the CLI itself, in a worker process, `gembed train --gin_file=finetune.gin
 --gin_param=INIT_FROM=<all-MiniLM-L6-v2 imported> BATCH_SIZE=... MAX_LENGTH=...` plus only
 TRAIN_STEPS, LOG_EVERY (windows of --window steps) and CHECKPOINT_EVERY (no checkpoint inside the
-timed steps), each round in a fresh workdir; `--chunk_size=N` adds CHUNK_SIZE=N. Every other
-setting is the stage file's default, printed in the result as `gembed_flags`.
+timed steps), each round in a fresh workdir; `--chunk_size=N` adds CHUNK_SIZE=N; `--lora` adds
+`--gin_file=lora.gin` and the main job's LoraConfig bindings (read from
+experiments/recipes/quickstart.gin's Recipe.finetune_params). Every other setting is the stage
+file's default, printed in the result as `gembed_flags`.
 Peer side: sentence-transformers all-MiniLM-L6-v2 with MultipleNegativesRankingLoss (or, with
 --chunk_size, CachedMultipleNegativesRankingLoss with that mini-batch size), on the same
 (query, positive) pairs in the same batches (the finetune stage's default TRAIN_DATA,
 builtin:stdlib_code, in gembed's step order), same batch size, max length, learning rate and
 warm-up, AdamW, clipping at 1, no dropout, in a loop equivalent to SentenceTransformerTrainer's.
+With --lora it trains a peft LoRA adapter of the same rank and alpha on the BERT modules that
+the gembed targets name (`SentenceTransformer.add_adapter`; needs `pip install peft`).
 
 After one warm-up round each (gembed compiles there; its persistent compilation cache then serves
 later rounds), the two take turns for --repeats rounds. A round's figure is the median examples/s
@@ -18,6 +22,7 @@ gembed's compiled shapes, padding share of computed tokens, MFU, peak RSS per pa
 
     python benchmarks/train_throughput.py                                # batch 32, length 128
     python benchmarks/train_throughput.py --batch_size=256 --chunk_size=32   # vs CachedMNRL
+    python benchmarks/train_throughput.py --lora                         # the main job's LoRA
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import statistics
 import tempfile
 import time
@@ -34,6 +40,43 @@ from _common import log
 
 WARMUP_STEPS = 10   # finetune.gin's TrainConfig.warmup_steps is 20; both sides use this one
 GRAD_CLIP_NORM = 1.0
+MAIN_JOB = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "quickstart.gin"
+# gembed's MiniLM kernel names (under encoder/layer_N/) -> the BERT module peft adapts.
+BERT_MODULES = {"attention/query/kernel": "attention.self.query",
+                "attention/key/kernel": "attention.self.key",
+                "attention/value/kernel": "attention.self.value",
+                "attention/output/kernel": "attention.output.dense",
+                "mlp/up/kernel": "intermediate.dense",
+                "mlp/down/kernel": "output.dense"}
+
+
+def main_job_lora() -> dict:
+    """The main job's LoRA: its LoraConfig bindings, and the rank, alpha and targets they give."""
+    import gin
+
+    from gembed import config, lora, recipe
+
+    config.parse_gin([str(MAIN_JOB)], [])
+    try:
+        bindings = [p for p in recipe.Recipe().finetune_params if p.startswith("LoraConfig.")]
+    finally:
+        gin.clear_config()
+    config.parse_gin(["lora.gin"], bindings)
+    try:
+        settings = lora.LoraConfig()
+    finally:
+        gin.clear_config()
+    return {"bindings": bindings, "rank": settings.rank, "alpha": settings.alpha,
+            "targets": list(settings.targets)}
+
+
+def peer_lora_modules(targets: list[str]) -> str:
+    """peft's target_modules regex for the BERT modules whose gembed kernels `targets` match."""
+    modules = [bert for kernel, bert in BERT_MODULES.items()
+               if any(re.search(target, f"encoder/layer_0/{kernel}") for target in targets)]
+    if not modules:
+        raise ValueError(f"no MiniLM kernel matches the LoRA targets {targets}")
+    return rf"encoder\.layer\.\d+\.({'|'.join(re.escape(m) for m in modules)})$"
 
 
 def gembed_flags(args) -> list[str]:
@@ -43,7 +86,13 @@ def gembed_flags(args) -> list[str]:
              f"CHECKPOINT_EVERY={args.steps}", f"TrainConfig.warmup_steps={WARMUP_STEPS}"]
     if args.chunk_size:
         flags.append(f"CHUNK_SIZE={args.chunk_size}")
+    if args.lora_spec:
+        flags += json.loads(args.lora_spec)["bindings"]
     return flags
+
+
+def gembed_gin_files(args) -> list[str]:
+    return ["finetune.gin", "lora.gin"] if args.lora_spec else ["finetune.gin"]
 
 
 def gembed_worker(args) -> None:
@@ -56,7 +105,7 @@ def gembed_worker(args) -> None:
     from gembed.model_folder import read_model_folder
 
     folder = read_model_folder(args.model)
-    parse_gin(["finetune.gin"], [f"INIT_FROM='{args.model}'", *gembed_flags(args)])
+    parse_gin(gembed_gin_files(args), [f"INIT_FROM='{args.model}'", *gembed_flags(args)])
     config = TrainConfig()
     datasets = load_datasets(config.dataset_specs, "train", max_text_chars=config.max_text_chars,
                              skipped=None)
@@ -84,7 +133,8 @@ def gembed_worker(args) -> None:
                     "padding_fraction": 1 - lengths.sum() / sum(b["token_ids"].size for b in host)}
         rounds += 1
         workdir = pathlib.Path(args.tmp) / f"gembed_round{rounds}"
-        code = cli.main(["train", "--gin_file=finetune.gin", f"--workdir={workdir}",
+        code = cli.main(["train", *[f"--gin_file={g}" for g in gembed_gin_files(args)],
+                         f"--workdir={workdir}",
                          f"--gin_param=INIT_FROM='{args.model}'",
                          *[f"--gin_param={flag}" for flag in gembed_flags(args)]])
         if code != 0:
@@ -116,10 +166,17 @@ def peer_worker(args) -> None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        if args.lora_spec:
+            from peft import LoraConfig
+
+            spec = json.loads(args.lora_spec)
+            model.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                                         target_modules=peer_lora_modules(spec["targets"])))
         model.train()
+        trained = [param for param in model.parameters() if param.requires_grad]
         loss_fn = (losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.chunk_size)
                    if args.chunk_size else losses.MultipleNegativesRankingLoss(model))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01,
+        optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.01,
                                       fused=True)
         schedule = get_linear_schedule_with_warmup(optimizer, WARMUP_STEPS, args.steps)
         if request["op"] == "padding_fraction":
@@ -132,7 +189,7 @@ def peer_worker(args) -> None:
             documents = model.preprocess([pair[1] for pair in batch])
             loss = loss_fn([queries, documents], None)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            torch.nn.utils.clip_grad_norm_(trained, GRAD_CLIP_NORM)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -156,12 +213,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="optimizer steps per round")
     parser.add_argument("--window", type=int, default=5, help="steps per timing window")
     parser.add_argument("--chunk_size", type=int, help="gradient caching (peer: CachedMNRL)")
+    parser.add_argument("--lora", action="store_true",
+                        help="the main job's LoRA on both sides (peer: peft)")
+    parser.add_argument("--lora_spec", help=argparse.SUPPRESS)   # main_job_lora() as JSON
     parser.add_argument("--learning_rate", type=float, default=3e-4,
                         help="the peer's; gembed's is finetune.gin's LEARNING_RATE (3e-4)")
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = _common.parse_or_serve(parser, gembed_worker, peer_worker)
     if args is None:
         return
+    lora = main_job_lora() if args.lora else None
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -169,6 +230,8 @@ def main() -> None:
                  f"--learning_rate={args.learning_rate}", f"--max_length={args.max_length}"]
         if args.chunk_size:
             extra.append(f"--chunk_size={args.chunk_size}")
+        if lora:
+            extra.append(f"--lora_spec={json.dumps(lora)}")
         workers = _common.start_workers(__file__, tmp, tmp / "unused.json", args, *extra)
         gembed, peer = workers
         peer.request(op="batches", batches=gembed.request(op="batches")["batches"])
@@ -183,9 +246,11 @@ def main() -> None:
         for worker in workers:
             worker.close()
 
+    args.lora_spec = json.dumps(lora) if lora else None
     result = {"benchmark": "train_throughput", "model": "all-MiniLM-L6-v2",
-              "gembed_command": "gembed train --gin_file=finetune.gin --gin_param=INIT_FROM=<minilm>",
-              "gembed_flags": gembed_flags(args), "batch_size": args.batch_size,
+              "gembed_command": " ".join(["gembed train", *[f"--gin_file={g}" for g in gembed_gin_files(args)],
+                                          "--gin_param=INIT_FROM=<minilm>"]),
+              "gembed_flags": gembed_flags(args), "lora": lora, "batch_size": args.batch_size,
               "max_length": args.max_length, "chunk_size": args.chunk_size,
               "steps_per_round": args.steps, "repeats": args.repeats, "peak_flops": peak}
     for name in ("gembed", "peer"):
