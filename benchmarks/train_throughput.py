@@ -222,7 +222,7 @@ def main() -> None:
     args = _common.parse_or_serve(parser, gembed_worker, peer_worker)
     if args is None:
         return
-    lora = main_job_lora() if args.lora else None
+    args.lora_spec = json.dumps(main_job_lora()) if args.lora else None   # workers get it too
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -230,8 +230,8 @@ def main() -> None:
                  f"--learning_rate={args.learning_rate}", f"--max_length={args.max_length}"]
         if args.chunk_size:
             extra.append(f"--chunk_size={args.chunk_size}")
-        if lora:
-            extra.append(f"--lora_spec={json.dumps(lora)}")
+        if args.lora_spec:
+            extra.append(f"--lora_spec={args.lora_spec}")
         workers = _common.start_workers(__file__, tmp, tmp / "unused.json", args, *extra)
         gembed, peer = workers
         peer.request(op="batches", batches=gembed.request(op="batches")["batches"])
@@ -246,11 +246,12 @@ def main() -> None:
         for worker in workers:
             worker.close()
 
-    args.lora_spec = json.dumps(lora) if lora else None
+    gin_files = [f"--gin_file={name}" for name in gembed_gin_files(args)]
     result = {"benchmark": "train_throughput", "model": "all-MiniLM-L6-v2",
-              "gembed_command": " ".join(["gembed train", *[f"--gin_file={g}" for g in gembed_gin_files(args)],
-                                          "--gin_param=INIT_FROM=<minilm>"]),
-              "gembed_flags": gembed_flags(args), "lora": lora, "batch_size": args.batch_size,
+              "gembed_command": " ".join(["gembed train", *gin_files, "--gin_param=INIT_FROM=<minilm>"]),
+              "gembed_flags": gembed_flags(args),
+              "lora": json.loads(args.lora_spec) if args.lora_spec else None,
+              "batch_size": args.batch_size,
               "max_length": args.max_length, "chunk_size": args.chunk_size,
               "steps_per_round": args.steps, "repeats": args.repeats, "peak_flops": peak}
     for name in ("gembed", "peer"):
